@@ -1,0 +1,48 @@
+# bitflow: `make help` lists the targets.
+PYTHON ?= python
+# glibc's default malloc thresholds cost ~20% of CPU training throughput (many mid-size temporary tensors)
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+DIR ?= multirun
+
+.PHONY: help install install-bench test test-full lint format train tb bench report clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+install:  ## install torch==2.13.0 (CPU wheel), then bitflow with its dev extras (editable)
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+
+install-bench:  ## install the bench-only extras (HF transformers, the seed authors' bitlinear)
+	$(PYTHON) -m pip install -e ".[dev,bench]"
+
+test:  ## run the test suite (without tests marked slow), ~10 min on 2 CPU cores
+	$(PYTHON) -m pytest -q
+
+test-full:  ## run every test, slow ones included
+	$(PYTHON) -m pytest -q -m ""
+
+lint:  ## ruff check
+	ruff check .
+
+format:  ## ruff format and fix imports
+	ruff check --fix --select I .
+	ruff format .
+
+train:  ## train the default tiny model on the stdlib corpus (ARGS="..." for overrides)
+	bitflow $(ARGS)
+
+tb:  ## TensorBoard on outputs/ and multirun/
+	tensorboard --logdir_spec outputs:outputs,multirun:multirun --bind_all
+
+bench:  ## run the benchmarks and print their tables (QUICK=1 for a short run)
+	$(PYTHON) -m bitflow.bench $(if $(QUICK),--quick,)
+
+report:  ## tables and plots for a multirun or run directories: make report DIR=multirun/...
+	bitflow-report $(DIR)
+
+clean:  ## remove outputs, multiruns and caches of the working tree (not ~/.cache/bitflow)
+	rm -rf outputs multirun .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

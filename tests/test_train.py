@@ -1,0 +1,126 @@
+"""End-to-end training through the real Hydra app, Lightning Trainer and TensorBoard files."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, bitflow_env, compose, read_scalars
+
+from bitflow.cli import run_training
+
+
+def test_bitflow_runs_from_a_directory_outside_the_repo(tmp_path: Path, cache_dir: Path):
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    proc = subprocess.run(
+        ["bitflow", *overrides, "trainer.max_steps=40", "trainer.val_check_interval=20", "optimizer.lr=5e-3"],
+        cwd=tmp_path, env=bitflow_env(cache_dir), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "train").iterdir())
+    scalars = read_scalars(run / "tb")
+    for tag in ("train/loss", "train/lr", "train/tokens_seen", "train/tokens_per_sec", "val/loss", "val/ppl"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    train = [v for _, v in sorted(scalars["train/loss"])]
+    assert len(train) == 40
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.5  # the loss falls
+    val = [v for _, v in sorted(scalars["val/loss"])]
+    assert [s for s, _ in sorted(scalars["val/loss"])] == [19, 39]
+    assert val[1] < val[0]
+    ppl = dict(scalars["val/ppl"])
+    assert ppl[39] == pytest.approx(torch.tensor(val[1]).exp().item(), rel=1e-4)
+    tokens = dict(scalars["train/tokens_seen"])
+    assert tokens[39] == 40 * 4 * 32  # steps x batch x seq_len
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_overrides: list[str], tmp_path: Path):
+    ckpt_every = [
+        "trainer.max_steps=40",
+        "+callbacks.model_checkpoint.every_n_train_steps=20",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.filename='step{step}'",
+        "trainer.val_check_interval=10",
+    ]
+    first = tmp_path / "full"
+    run_training(compose([*tiny_overrides, *ckpt_every, f"paths.output_dir={first}"]))
+    at20 = first / "checkpoints" / "step20.ckpt"
+    full = _state(first / "checkpoints" / "step40.ckpt")
+    assert _state(at20)["global_step"] == 20
+
+    resumed_dir = tmp_path / "resumed"
+    run_training(compose([*tiny_overrides, *ckpt_every, f"paths.output_dir={resumed_dir}", f"ckpt_path={at20}"]))
+    resumed = _state(resumed_dir / "checkpoints" / "step40.ckpt")
+    assert resumed["global_step"] == full["global_step"] == 40
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    a, b = full["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]
+    for i in a:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a[i][k], b[i][k]), (i, k)
+    assert full["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"] == 40
+    assert full["bitflow"]["tokens_seen"] == resumed["bitflow"]["tokens_seen"] == 40 * 4 * 32
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["data=text", "data.source.paths=[/no/such/corpus/*.txt]"], FileNotFoundError, "/no/such/corpus"),
+        (["data.vocab_size=10"], ValueError, "vocab_size"),
+        (["trainer.max_steps=0"], ValueError, "trainer.max_steps must be a positive integer, got 0"),
+        (["data.seq_len=128"], ValueError, "data.seq_len=128 is longer than the model's context"),
+        (["scheduler.warmup_steps=500"], ValueError, "warmup_steps=500"),
+        (["ckpt_path=/no/such.ckpt"], FileNotFoundError, "/no/such.ckpt"),
+    ],
+)
+def test_bad_input_fails_before_training(tiny_overrides, tmp_path, overrides, error, match):
+    out = tmp_path / "run"
+    if overrides[0].startswith("data="):  # another corpus: the stdlib subset option does not apply
+        tiny_overrides = [o for o in tiny_overrides if not o.startswith("data.source.max_files")]
+    with pytest.raises(error, match=match):
+        run_training(compose([*tiny_overrides, *overrides]))
+    assert not (out / "checkpoints").exists()
+    assert not list(out.rglob("events.out.tfevents.*"))
+
+
+def test_unknown_model_preset_lists_the_known_ones(tmp_path: Path, cache_dir: Path):
+    proc = subprocess.run(
+        ["bitflow", "model=gpt5"], cwd=tmp_path, env=bitflow_env(cache_dir), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Could not find 'model/gpt5'" in proc.stderr
+    assert "tiny" in proc.stderr and "spectra_99m" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_checkpoint_from_another_model_is_rejected(tiny_overrides: list[str], tmp_path: Path):
+    run_training(compose([*tiny_overrides, "trainer.max_steps=6"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="another model .*d_model: checkpoint 32 vs config 64"):
+        run_training(compose([*tiny_overrides, "model.d_model=64", f"ckpt_path={ckpt}",
+                              f"paths.output_dir={tmp_path / 'other'}"]))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path: Path, cache_dir: Path):
+    proc = subprocess.run(
+        ["bitflow", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+        cwd=tmp_path, env=bitflow_env(cache_dir), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "train").iterdir())
+    scalars = read_scalars(run / "tb")
+    assert len(scalars["train/loss"]) == 12
+    # both ranks' tokens count: 2 x batch x seq_len per step
+    assert dict(scalars["train/tokens_seen"])[11] == 12 * 2 * 4 * 32
+    assert "val/loss" in scalars
+    assert (run / "checkpoints" / "last.ckpt").is_file()
