@@ -81,6 +81,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         compile=cfg.get("compile", False),
         tokenizer_json=datamodule.tokenizer_json,
     )
+    if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
+        from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
+
+        meta = read_checkpoint(cfg.ckpt_path, mmap=True)[CHECKPOINT_KEY]
+        check_same_model(model.model.config.to_dict(), meta["model_config"])
     callbacks = build_callbacks(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer = instantiate(

@@ -156,11 +156,7 @@ class LanguageModel(L.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("this checkpoint was not written by bitflow (it has no 'bitflow' section)")
-        mine, theirs = self.model.config.to_dict(), meta["model_config"]
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"the checkpoint is from another model ({details})")
+        check_same_model(self.model.config.to_dict(), meta["model_config"])
         if self.tokenizer_json is None:
             self.tokenizer_json = meta.get("tokenizer")
         self.tokens_seen = meta.get("tokens_seen", 0)
@@ -171,13 +167,24 @@ class LanguageModel(L.LightningModule):
             self.quant_state = meta["quant"]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a bitflow checkpoint file as a dict, with clear errors for a missing or foreign file."""
+def check_same_model(config: dict[str, Any], checkpoint_config: dict[str, Any]) -> None:
+    """Raise a ValueError naming every field where a checkpoint's model config differs from ``config``."""
+    diff = {k: (checkpoint_config.get(k), v) for k, v in config.items() if checkpoint_config.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the checkpoint is from another model ({details})")
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a bitflow checkpoint file as a dict, with clear errors for a missing or foreign file.
+
+    ``mmap=True`` maps tensors lazily from disk: cheap when only the ``bitflow`` section is needed.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # pickle errors, truncated files, text files...
         raise ValueError(f"{path} is not a bitflow checkpoint (torch.load failed: {e})") from e
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:

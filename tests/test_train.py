@@ -108,6 +108,7 @@ def test_checkpoint_from_another_model_is_rejected(tiny_overrides: list[str], tm
     with pytest.raises(ValueError, match="another model .*d_model: checkpoint 32 vs config 64"):
         run_training(compose([*tiny_overrides, "model.d_model=64", f"ckpt_path={ckpt}",
                               f"paths.output_dir={tmp_path / 'other'}"]))
+    assert not (tmp_path / "other").exists()  # rejected before a logger or checkpoint directory is made
 
 
 @pytest.mark.slow

@@ -26,6 +26,18 @@ LOCAL_TASKS = {
 LOCAL_TAG = "bitflow_local"
 
 
+class _QuietCustomDataset(logging.Filter):
+    """lm-eval warns on every load of a task with a ``custom_dataset`` that custom kwargs can be passed through
+    ``--metadata``; bitflow's local tasks take none, so drop that hint for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith(tuple(f"{t}: Custom kwargs" for t in LOCAL_TASKS)))
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDataset())
+
+
 def tasks_dir() -> Path:
     """The directory of bitflow's lm-eval task YAML files (``include_path`` for lm-eval's TaskManager)."""
     return Path(str(files("bitflow.eval") / "tasks"))

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class EvalArgs:
     output: str | None = None  # where to write the results JSON (default: <ckpt dir>/eval_results.json)
     tensorboard: bool = True  # log eval/<task>/<metric> into <run>/tb
     seed: int = 1234  # lm-eval's random seeds (few-shot sampling)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _convert(name: str, value: str, kind: Any) -> Any:
@@ -73,7 +72,7 @@ def _convert(name: str, value: str, kind: Any) -> Any:
 
 def parse_args(argv: list[str]) -> EvalArgs:
     """``key=value`` arguments -> EvalArgs; a clear error for an unknown key or a bad value."""
-    fields = {f.name: f.type for f in dataclasses.fields(EvalArgs) if f.name != "extra"}
+    fields = {f.name: f.type for f in dataclasses.fields(EvalArgs)}
     values: dict[str, Any] = {}
     for arg in argv:
         key, sep, value = arg.lstrip("+").partition("=")
@@ -307,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("arguments (key=value):")
         for f in dataclasses.fields(EvalArgs):
-            if f.name != "extra":
-                print(f"  {f.name}={f.default!r}")
+            print(f"  {f.name}={f.default!r}")
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

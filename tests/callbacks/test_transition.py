@@ -1,0 +1,322 @@
+"""PrecisionTransition with the real Lightning Trainer, LanguageModel, TokenDataModule and TensorBoard files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose, read_scalars
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from bitflow.callbacks import PrecisionTransition
+from bitflow.cli import run_training
+from bitflow.data import StdlibSource, TokenDataModule
+from bitflow.lm import LanguageModel, load_checkpoint
+from bitflow.quant import BitLinear
+
+TINY_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
+# every nn.Linear of the tiny Llama but the (tied) LM head
+CONVERTED = [f"layers.{i}.{m}" for i in range(2) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3")]
+LR = 1e-3
+
+
+class Probe(Callback):
+    """Records, at the start and end of every training batch, what the tests check (after the transition ran)."""
+
+    def __init__(self) -> None:
+        self.start: dict[int, dict[str, Any]] = {}
+        self.end: dict[int, dict[str, Any]] = {}
+        self._step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+        self.start[self._step] = self.snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end[self._step] = self.snapshot(trainer, pl_module)
+
+    @staticmethod
+    def snapshot(trainer, lm) -> dict[str, Any]:
+        (opt,) = trainer.optimizers
+        names = {id(p): n for n, p in lm.model.named_parameters()}
+        bitlinears = [m for m in lm.model.modules() if isinstance(m, BitLinear)]
+        return {
+            "types": {n: type(m).__name__ for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)},
+            "param_ids": {n: id(p) for n, p in lm.model.named_parameters()},
+            "opt_param_ids": sorted(id(p) for g in opt.param_groups for p in g["params"]),
+            "state": {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+            "lambda": [(float(m.weight_strength), float(m.act_strength)) for m in bitlinears],
+            "lr": opt.param_groups[0]["lr"],
+            "quant_state": lm.quant_state,
+        }
+
+
+def fit(
+    tmp_path: Path,
+    cache_dir: Path,
+    transition: PrecisionTransition,
+    max_steps: int = 10,
+    scheduler: dict | None = None,
+    **trainer_kwargs,
+) -> tuple[Probe, LanguageModel]:
+    """Train the tiny LanguageModel with ``transition`` and a probe after it; TensorBoard events in tmp_path/tb."""
+    dm = TokenDataModule(StdlibSource(max_files=60), seq_len=32, batch_size=4, vocab_size=320, cache_dir=str(cache_dir))
+    dm.prepare_data()
+    lm = LanguageModel(
+        model={**TINY_MODEL, "vocab_size": dm.vocab_size},
+        optimizer={"lr": LR},
+        scheduler=scheduler or {"name": "constant", "warmup_steps": 0},
+        tokenizer_json=dm.tokenizer_json,
+    )
+    probe = Probe()
+    kwargs = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, precision="32-true", log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="tb", version=""), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    kwargs.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[transition, probe], **kwargs)
+    trainer.fit(lm, datamodule=dm)
+    return probe, lm
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(at=1.5), r"at=1.5 is outside \(0, 1\)"),
+        (dict(at=-3), "at=-3 is negative"),
+        (dict(at="half"), "at='half' is not allowed"),
+        (dict(at=True), "at=True is not allowed"),
+        (dict(optimizer_state="drop"), "optimizer_state='drop' is not allowed; allowed: keep, reset"),
+        (dict(phase_in="quadratic"), "phase_in='quadratic' is not allowed; allowed: none, linear, tanh"),
+        (dict(phase_in="tanh"), "phase_in='tanh' needs phase_in_steps > 0"),
+        (dict(phase_in_steps=-1), "phase_in_steps=-1"),
+        (dict(lr_rewarmup_steps=2.5), "lr_rewarmup_steps=2.5"),
+        (dict(spike_window=0), "spike_window=0"),
+        (dict(recovery_smoothing=1.0), r"recovery_smoothing=1.0 .* \[0, 1\)"),
+        (dict(quant={"weight_scale": "absmode"}), "absmode"),
+        (dict(quant={"bits": 4}), r"unknown quant option\(s\) \['bits'\]"),
+        (dict(quant={"kind": "none"}), "quant.kind='none' is not supported.*transition=none"),
+        (dict(quant={"include": 3}), "quant.include=3"),
+    ],
+)
+def test_bad_arguments_raise_on_construction(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        PrecisionTransition(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(at=10), r"at=10 is past the end of training \(trainer.max_steps=10\)"),
+        (dict(at=0.01), r"at=0.01 of max_steps=10 is step 0, which is not inside the run"),
+        (dict(quant={"include": ["layers.*.ffn.*"]}), r"include=\['layers.\*.ffn.\*'\] .* match no nn.Linear"),
+        (dict(quant={"granularity": "group", "group_size": 5}), "group_size=5 does not divide in_features=32"),
+        (dict(at=0, quant={"exclude": ["*"]}), "match no nn.Linear"),
+    ],
+)
+def test_bad_setup_raises_before_the_first_step(tmp_path: Path, cache_dir: Path, kwargs: dict, match: str):
+    probe = Probe()
+    with pytest.raises(ValueError, match=match):
+        dm = TokenDataModule(StdlibSource(max_files=60), seq_len=32, batch_size=4, vocab_size=320, cache_dir=str(cache_dir))
+        lm = LanguageModel(model={**TINY_MODEL, "vocab_size": dm.vocab_size})
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=10, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, callbacks=[PrecisionTransition(**kwargs), probe],
+        )
+        trainer.fit(lm, datamodule=dm)
+    assert probe.start == {}  # no training batch ran
+    assert not any(isinstance(m, BitLinear) for m in lm.modules())  # and the model is untouched
+
+
+def test_bad_transition_config_fails_before_training(tiny_overrides: list[str], tmp_path: Path):
+    with pytest.raises(ValueError, match=r"at=1.5 is outside \(0, 1\)"):
+        run_training(compose([*tiny_overrides, "transition=default", "transition.at=1.5"]))
+    with pytest.raises(ValueError, match="quant.kind='none'"):
+        run_training(compose([*tiny_overrides, "transition=default", "quant=none"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------ semantics
+def test_keep_switches_in_place_and_keeps_the_optimizer_state(tmp_path: Path, cache_dir: Path):
+    probe, lm = fit(tmp_path, cache_dir, PrecisionTransition(at=0.4, optimizer_state="keep", spike_window=3))
+    t0 = 4  # 0.4 of max_steps=10
+    for step in range(t0):
+        assert set(probe.start[step]["types"].values()) == {"Linear"}
+        assert probe.start[step]["lambda"] == []
+        assert probe.start[step]["quant_state"] is None
+    for step in range(t0, 10):  # step t0's forward is already ternary
+        types = probe.start[step]["types"]
+        assert [n for n, t in types.items() if t == "BitLinear"] == CONVERTED
+        assert types["lm_head"] == "Linear"
+        assert probe.start[step]["lambda"] == [(1.0, 1.0)] * len(CONVERTED)
+    # the same Parameters throughout, and they are the ones the optimizer updates
+    ids = probe.start[0]["param_ids"]
+    assert all(probe.start[s]["param_ids"] == ids for s in range(10))
+    assert probe.start[t0]["opt_param_ids"] == sorted(ids.values())
+    # keep: the AdamW state right after the switch is exactly the state after step t0 - 1
+    before, after = probe.end[t0 - 1]["state"], probe.start[t0]["state"]
+    assert set(after) == set(before) == set(ids)
+    for name in before:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(before[name][key], after[name][key]), (name, key)
+        assert float(after[name]["step"]) == t0
+    assert all(float(s["step"]) == 10 for s in probe.end[9]["state"].values())
+    state = lm.quant_state
+    assert state["kind"] == "bitlinear" and state["layers"] == CONVERTED
+    assert state["strength"] == {"weight": 1.0, "act": 1.0}
+    assert state["options"]["weight_scale"] == "absmean" and state["options"]["weight_bits"] is None
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["quant/lambda"] == [(s, 0.0) for s in range(t0)] + [(s, 1.0) for s in range(t0, 10)]
+
+
+def test_reset_rewarmup_and_tanh_phase_in(tmp_path: Path, cache_dir: Path):
+    t0, tw = 4, 4
+    transition = PrecisionTransition(
+        at=t0, optimizer_state="reset", lr_rewarmup_steps=2, phase_in="tanh", phase_in_steps=tw, spike_window=3
+    )
+    probe, lm = fit(tmp_path, cache_dir, transition, max_steps=11)
+    converted = {f"{n}.weight" for n in CONVERTED}
+    before, after = probe.end[t0 - 1]["state"], probe.start[t0]["state"]
+    assert set(after) == set(before) - converted  # reset: only the converted Parameters lose their state
+    for name in after:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(before[name][key], after[name][key]), (name, key)
+    # AdamW rebuilt the state of the converted Parameters at step t0: their step count restarted
+    steps = {n: float(s["step"]) for n, s in probe.end[t0]["state"].items()}
+    assert {steps[n] for n in converted} == {1.0}
+    assert {steps[n] for n in set(steps) - converted} == {t0 + 1.0}
+    # bolt-on re-warmup on the constant schedule: LR 0 at t0, LR/2 at t0 + 1, back to LR at t0 + 2
+    lrs = [probe.start[s]["lr"] for s in range(11)]
+    assert lrs == pytest.approx([LR] * t0 + [0.0, LR / 2] + [LR] * 5, abs=1e-12)
+    # lambda = tanh(2.5 (t - t0) / T_w), the paper's check values, then exactly 1 (weights and activations)
+    expected = [0.0, 0.5546, 0.8483, 0.9540, 1.0, 1.0, 1.0]
+    for step, lam in zip(range(t0, 11), expected, strict=True):
+        values = set(probe.start[step]["lambda"])
+        assert len(values) == 1
+        (w, a), = values
+        assert w == pytest.approx(lam, abs=1e-4) and a == w
+    assert probe.start[t0 + tw]["lambda"][0] == (1.0, 1.0)
+    # between steps the model holds lambda(global_step): what validation and checkpoints see
+    assert probe.end[t0]["lambda"][0][0] == pytest.approx(0.5546, abs=1e-4)
+    assert probe.end[t0]["quant_state"]["strength"]["weight"] == pytest.approx(0.5546, abs=1e-4)
+    scalars = read_scalars(tmp_path / "tb")
+    lam = dict(scalars["quant/lambda"])
+    assert [lam[s] for s in range(t0, 11)] == pytest.approx(expected, abs=1e-4)
+    assert [lam[s] for s in range(t0)] == [0.0] * t0
+    lr = dict(scalars["train/lr"])
+    assert [lr[s] for s in (t0 - 1, t0, t0 + 1, t0 + 2)] == pytest.approx([LR, 0.0, LR / 2, LR])
+    assert lm.lr_wrappers == []  # the re-warmup is unregistered when the fit ends
+
+
+def test_spike_and_recovery_follow_from_the_logged_losses(tmp_path: Path, cache_dir: Path):
+    t0, k, beta = 5, 3, 0.5
+    fit(tmp_path, cache_dir, PrecisionTransition(at=t0, spike_window=k, recovery_smoothing=beta), max_steps=14)
+    scalars = read_scalars(tmp_path / "tb")
+    loss = dict(scalars["train/loss"])
+    level = sum(loss[s] for s in range(t0 - k, t0)) / k
+    spike = max(loss[s] for s in range(t0, t0 + k)) - level
+    assert scalars["transition/spike"] == [(t0 + k - 1, pytest.approx(spike, abs=1e-5))]
+    ema, recovered = None, None  # EMA over the tracked steps, from t0 - K on
+    for s in range(t0 - k, 14):
+        ema = loss[s] if ema is None else beta * ema + (1 - beta) * loss[s]
+        if s >= t0 and ema <= level:
+            recovered = s
+            break
+    if recovered is None:
+        assert "transition/recovery_steps" not in scalars
+    else:
+        assert scalars["transition/recovery_steps"] == [(recovered, float(recovered - t0))]
+    # and the monitor-free run still logs lambda at every step (log_every_n_steps=1)
+    assert [s for s, _ in scalars["quant/lambda"]] == list(range(14))
+
+
+def test_at_zero_is_ternary_from_the_first_step_and_none_never_switches(tmp_path: Path, cache_dir: Path):
+    probe, lm = fit(tmp_path / "zero", cache_dir, PrecisionTransition(at=0), max_steps=3)
+    assert [n for n, t in probe.start[0]["types"].items() if t == "BitLinear"] == CONVERTED
+    assert lm.quant_state["layers"] == CONVERTED
+    assert "transition/spike" not in read_scalars(tmp_path / "zero" / "tb")  # no 16-bit steps to compare with
+
+    probe, lm = fit(tmp_path / "never", cache_dir, PrecisionTransition(at=None), max_steps=3)
+    assert all(set(s["types"].values()) == {"Linear"} for s in probe.start.values())
+    assert lm.quant_state is None
+    assert read_scalars(tmp_path / "never" / "tb")["quant/lambda"] == [(0, 0.0), (1, 0.0), (2, 0.0)]
+
+
+def test_lambda_is_logged_with_train_loss_and_at_the_switch(tmp_path: Path, cache_dir: Path):
+    fit(tmp_path, cache_dir, PrecisionTransition(at=4, phase_in="linear", phase_in_steps=4), max_steps=9,
+        log_every_n_steps=3)
+    scalars = read_scalars(tmp_path / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == [2, 5, 8]
+    # (step + 1) % 3 == 0 like train/loss, plus the switch step 4; linear: (t - 4) / 4
+    assert scalars["quant/lambda"] == [(2, 0.0), (4, 0.0), (5, 0.25), (8, 1.0)]
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def _ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_resume_at_any_point_matches_the_uninterrupted_run(tiny_overrides: list[str], tmp_path: Path):
+    # switch at 4 with reset + re-warmup + tanh phase-in over 4 steps; checkpoints after every step
+    common = [
+        *tiny_overrides,
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "+callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.filename='step{step}'",
+        "transition=default",
+        "transition.at=4",
+        "transition.optimizer_state=reset",
+        "transition.lr_rewarmup_steps=2",
+        "transition.phase_in=tanh",
+        "transition.phase_in_steps=4",
+        "transition.spike_window=3",
+    ]
+    full_dir = tmp_path / "full"
+    run_training(compose([*common, f"paths.output_dir={full_dir}"]))
+    full = _ckpt(full_dir / "checkpoints" / "step10.ckpt")
+    assert full["bitflow"]["quant"]["strength"] == {"weight": 1.0, "act": 1.0}
+    assert full["bitflow"]["quant"]["layers"] == CONVERTED
+    # a checkpoint at global step k holds the model of step k: 16-bit up to the switch, lambda(k) after it
+    assert _ckpt(full_dir / "checkpoints" / "step4.ckpt")["bitflow"]["quant"] is None
+    mid = _ckpt(full_dir / "checkpoints" / "step6.ckpt")["bitflow"]["quant"]
+    assert mid["strength"]["weight"] == pytest.approx(0.8483, abs=1e-4)  # tanh(2.5 * 2/4)
+    model = load_checkpoint(full_dir / "checkpoints" / "step6.ckpt")
+    assert [n for n, m in model.model.named_modules() if isinstance(m, BitLinear)] == CONVERTED
+    assert float(model.model.layers[0].attn.wq.weight_strength) == pytest.approx(0.8483, abs=1e-4)
+    full_spike = read_scalars(full_dir / "tb")["transition/spike"]
+
+    # before the switch, at it (the checkpoint of step 4 is still 16-bit), mid phase-in, after it
+    for k in (3, 4, 6, 9):
+        out = tmp_path / f"resumed{k}"
+        run_training(compose([*common, f"paths.output_dir={out}", f"ckpt_path={full_dir / 'checkpoints' / f'step{k}.ckpt'}"]))
+        resumed = _ckpt(out / "checkpoints" / "step10.ckpt")
+        assert resumed["global_step"] == 10
+        assert resumed["bitflow"]["quant"] == full["bitflow"]["quant"], k  # layer types, options, lambda
+        for name, value in full["state_dict"].items():
+            assert torch.equal(value, resumed["state_dict"][name]), (k, name)
+        a, b = full["optimizer_states"][0], resumed["optimizer_states"][0]
+        assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"]
+        assert set(a["state"]) == set(b["state"])
+        for i in a["state"]:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(a["state"][i][key], b["state"][i][key]), (k, i, key)
+        assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"]
+        assert full["lr_schedulers"] == resumed["lr_schedulers"]
+        assert full["callbacks"]["PrecisionTransition"] == resumed["callbacks"]["PrecisionTransition"]
+        if k < 4 + 3 - 1:  # the spike window (steps 1..6) ends after the resume: the same spike is logged
+            assert read_scalars(out / "tb")["transition/spike"] == full_spike
+
+    # resuming a switched run with other quantization options is refused before training goes on
+    with pytest.raises(ValueError, match="quant options .* differ"):
+        run_training(compose([*common, "quant=ternary_median", f"paths.output_dir={tmp_path / 'other'}",
+                              f"ckpt_path={full_dir / 'checkpoints' / 'step6.ckpt'}"]))
