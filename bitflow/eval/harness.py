@@ -152,6 +152,7 @@ class BitflowLM(TemplateLM):
         if int(max_gen_toks) < 1:
             raise ValueError(f"max_gen_toks must be a positive integer, got {max_gen_toks}")
         self.max_gen_toks = int(max_gen_toks)
+        self.progress = True  # progress bars (the in-training callback turns them off)
         self._warned_sampling = False
 
     # ------------------------------------------------------------------------------------------ properties
@@ -191,6 +192,9 @@ class BitflowLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------------------ scoring
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _score(self, windows: list[Window], desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
         """Score windows in chunks (for a progress bar); with batch_size="auto", halve on CUDA out-of-memory."""
         was_training = self.model.training
@@ -198,7 +202,7 @@ class BitflowLM(TemplateLM):
         try:
             out: list[tuple[float, bool]] = []
             chunk = max(self.batch_size * 8, 1)
-            bar = tqdm(total=len(windows), desc=desc, disable=disable_tqdm or len(windows) < chunk)
+            bar = tqdm(total=len(windows), desc=desc, disable=disable_tqdm or not self.progress or len(windows) < chunk)
             i = 0
             while i < len(windows):
                 part = windows[i : i + chunk]
@@ -302,7 +306,7 @@ class BitflowLM(TemplateLM):
         groups: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
         for i, (ids, max_new, until) in enumerate(prepared):
             groups.setdefault((len(ids), max_new, until), []).append(i)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -83,6 +83,11 @@ def parse_args(argv: list[str]) -> EvalArgs:
             raise ValueError(f"bitflow-eval: unknown argument {key!r}; allowed: {', '.join(fields)}")
         values[key] = _convert(key, value, fields[key])
     args = EvalArgs(**values)
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise ValueError(f"bitflow-eval: limit must be positive (examples per task, or a fraction < 1), got {args.limit}")
+        if args.limit >= 1:
+            args.limit = int(args.limit)
     if not args.ckpt:
         raise ValueError("bitflow-eval: ckpt=PATH is required (e.g. ckpt=outputs/train/<time>/checkpoints/last.ckpt)")
     return args
@@ -112,20 +117,22 @@ def run_tasks(
     num_fewshot: int | None = None,
     bootstrap_iters: int = 0,
     seed: int = 1234,
+    manager: Any = None,
 ) -> dict[str, Any]:
     """Evaluate an lm-eval model (e.g. :class:`~bitflow.eval.harness.BitflowLM`) on task groups/names.
 
     Returns lm-eval's results dict (``results``, ``versions``, ``n-shot``, ``higher_is_better``, ``config``...).
-    Bad task names raise ValueError before anything runs.
+    Bad task names raise ValueError before anything runs. ``manager``: a TaskManager from
+    :func:`~bitflow.eval.suites.task_manager_for` to reuse (indexing tasks takes time).
     """
     import lm_eval
 
     from bitflow.eval.suites import resolve_tasks, task_manager_for
 
     names = resolve_tasks(tasks)
-    manager = task_manager_for(names)
+    manager = manager if manager is not None else task_manager_for(names)
     if limit is not None and limit >= 1:
-        limit = int(limit)
+        limit = int(limit)  # lm-eval reads a float as a fraction of the examples
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=names,

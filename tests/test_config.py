@@ -1,0 +1,93 @@
+"""Every config file composes; every experiment composes and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+from omegaconf import OmegaConf
+
+from bitflow.cli import CONFIG_DIR, build_callbacks, instantiate
+from bitflow.models.llama import Llama, LlamaConfig
+
+CONF = Path(CONFIG_DIR)
+# groups whose options are selected as `group=option` on top of train.yaml
+GROUPS = sorted(
+    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "__pycache__")
+)
+# options that need a value the user must give
+REQUIRED = {
+    ("data", "text"): [f"data.source.paths=[{Path(__file__)}]"],
+    ("data", "hf"): ["data.source.path=text", f"data.source.data_files={Path(__file__)}"],
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_options_and_the_defaults_exist():
+    assert {"model", "data", "trainer", "optimizer", "scheduler", "logger", "callbacks", "paths"} <= set(GROUPS)
+    for group in GROUPS:
+        assert options(group), group
+    assert {"tiny", "small25m", "spectra_99m", "spectra_390m", "olmo_1b"} <= set(options("model"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group: str, option: str, tmp_path: Path):
+    cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), []), f"paths.output_dir={tmp_path}"])
+    OmegaConf.resolve(cfg)
+    assert cfg.trainer.max_steps > 0
+    if group == "model":
+        # the preset's shape is valid; build it without allocating memory
+        with torch.device("meta"):
+            model = Llama(LlamaConfig.from_dict({**OmegaConf.to_container(cfg.model), "vocab_size": 8192}))
+        assert model.config.d_model == cfg.model.d_model
+
+
+def test_model_presets_have_the_papers_shapes():
+    def params(name: str) -> float:
+        cfg = compose([f"model={name}", "paths.output_dir=x"])
+        with torch.device("meta"):
+            return Llama(LlamaConfig.from_dict({**OmegaConf.to_container(cfg.model), "vocab_size": 32000})).config
+
+    s99 = params("spectra_99m")
+    assert (s99.d_model, s99.d_ff, s99.n_heads, s99.n_layers) == (512, 1280, 8, 16)
+    s390 = params("spectra_390m")
+    assert (s390.d_model, s390.d_ff, s390.n_heads, s390.n_layers) == (1024, 2560, 16, 24)
+    olmo = params("olmo_1b")
+    assert (olmo.d_model, olmo.n_layers, olmo.tie_embeddings) == (2048, 16, True)
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(name: str, tiny_overrides: list[str]):
+    cfg = compose([f"+experiment={name}", *tiny_overrides])
+    assert cfg.task_name != "train", "an experiment names its output folder"
+    datamodule = instantiate(cfg.data)
+    assert datamodule.seq_len == 32
+    from bitflow.lm import LanguageModel
+
+    lm = LanguageModel(
+        model={**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": 320},
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+    )
+    assert isinstance(lm.model, Llama)
+    callbacks = build_callbacks(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
