@@ -102,6 +102,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 def train(cfg: DictConfig) -> float | None:
     """``bitflow``: train a model. Returns the final val/loss (for Hydra sweepers that optimise it)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import lightning  # noqa: F401  (it installs its own console handlers on import; undo them below)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # log once, through Hydra's handlers (and cli.log)
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     metrics = run_training(cfg)
     return metrics.get("val/loss")
 

@@ -176,7 +176,7 @@ def tensorboard_scalars(metrics: dict[str, dict[str, float]], prefix: str = "eva
         f"{prefix}/{task}/{metric}": value
         for task, row in metrics.items()
         for metric, value in row.items()
-        if not metric.endswith("_stderr") and "_stderr_" not in metric
+        if not metric.endswith("_stderr") and "_stderr_" not in metric and metric != "tokens"
     }
 
 

@@ -23,6 +23,7 @@ tensor); scales are float32 and shaped to broadcast as documented per granularit
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -136,7 +137,16 @@ def absmedian(w: Tensor, granularity: str = "tensor", group_size: int | None = N
     Shapes as in :func:`absmean`.
     """
     a = _grouped_abs(w, granularity, group_size)
-    return _finish_stat(a.median(dim=-1, keepdim=True).values.float(), granularity)
+    return _finish_stat(_lower_median(a).float(), granularity)
+
+
+def _lower_median(a: Tensor) -> Tensor:
+    """``a.median(dim=-1, keepdim=True).values``; on CPU in eager mode via numpy's introselect, ~10x faster."""
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        k = (a.shape[-1] - 1) // 2  # 0-based index of the lower middle value in sorted order
+        part = np.partition(a.detach().numpy(), k, axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(part[..., k : k + 1]))
+    return a.median(dim=-1, keepdim=True).values
 
 
 def absmax(w: Tensor, granularity: str = "tensor", group_size: int | None = None) -> Tensor:

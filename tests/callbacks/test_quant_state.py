@@ -26,7 +26,7 @@ def test_capture_then_apply_rebuilds_the_model():
     state = capture_quant_state(src)
     assert state == {
         "kind": "bitlinear",
-        "layers": ["layers.0.mlp.w1", "layers.0.mlp.w2", "layers.0.mlp.w3", "layers.1.mlp.w1", "layers.1.mlp.w2", "layers.1.mlp.w3"],
+        "layers": ["layers.0.mlp.w1", "layers.0.mlp.w3", "layers.0.mlp.w2", "layers.1.mlp.w1", "layers.1.mlp.w3", "layers.1.mlp.w2"],
         "options": {
             "weight_scale": "absmedian", "granularity": "tensor", "group_size": None, "weight_bits": None,
             "act_bits": None, "act_qmax": None, "input_norm": None, "eps": 1e-5,

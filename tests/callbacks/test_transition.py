@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from bitflow.quant import BitLinear
 
 TINY_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
 # every nn.Linear of the tiny Llama but the (tied) LM head
-CONVERTED = [f"layers.{i}.{m}" for i in range(2) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3")]
+CONVERTED = [f"layers.{i}.{m}" for i in range(2) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")]
 LR = 1e-3
 
 
@@ -52,7 +53,7 @@ class Probe(Callback):
             "state": {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
             "lambda": [(float(m.weight_strength), float(m.act_strength)) for m in bitlinears],
             "lr": opt.param_groups[0]["lr"],
-            "quant_state": lm.quant_state,
+            "quant_state": copy.deepcopy(lm.quant_state),
         }
 
 

@@ -22,7 +22,7 @@ def _check_compiled_matches_eager(backend: str, autocast: bool) -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         for strength in (1.0, 0.5, 0.0):  # strengths are buffers filled in place: no recompilation
             set_strength(layer, weight=strength, act=strength)
-            x.grad, layer.weight.grad = None, None
+            x.grad, layer.weight.grad, layer.bias.grad = None, None, None
             loss = compiled(x)
             loss.backward()
             grads = (x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
