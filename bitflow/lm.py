@@ -129,10 +129,15 @@ class LanguageModel(L.LightningModule):
         return LRSchedule(total_steps=total, **self.scheduler_cfg)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        from bitflow.quant.dqt import build_adamw
+
         cfg = dict(self.optimizer_cfg)
         fused = cfg.pop("fused", None)
-        opt = torch.optim.AdamW(
+        # torch.optim.AdamW, or DQTAdamW when the model has DQT layers or the DQT callback asks for it
+        opt = build_adamw(
+            self.model,
             param_groups(self.model, cfg.pop("weight_decay")),
+            dqt=getattr(self, "dqt_optimizer", None),
             lr=cfg.pop("lr"),
             betas=tuple(cfg.pop("betas")),
             fused=fused,

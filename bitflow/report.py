@@ -1,23 +1,25 @@
-"""``bitflow-report DIR...``: one table and a few plots for a set of runs (a Hydra multirun, or run directories).
+"""``bitflow-report DIR...``: one table and a few plots for a set of runs (a Hydra multirun or run dirs).
 
     bitflow-report multirun/transition_sweep/2026-01-01_12-00-00
     bitflow-report outputs/train/run_a outputs/train/run_b --out reports/ab
 
 A run is a directory with ``tb/`` (TensorBoard event files) and, from Hydra, ``.hydra/overrides.yaml`` and
-``.hydra/config.yaml``; a directory that is not a run is searched for runs below it. For each run the report reads:
+``.hydra/config.yaml``; a directory that is not a run is searched for runs below it. Per run, the report
+reads:
 
 - the command-line overrides, and shows those that differ between the runs (the swept settings);
 - ``val/loss``: final and best, and their perplexities exp(loss);
 - the switch step of a precision transition: the config's ``transition.at`` resolved against
-  ``trainer.max_steps`` (an int is a step, a float in (0, 1) a fraction, 0 = ternary from the start, null = never),
-  else the first step where the scalar ``quant/lambda`` is > 0;
-- ``transition/spike`` and ``transition/recovery_steps`` (logged by :class:`bitflow.callbacks.PrecisionTransition`);
+  ``trainer.max_steps`` (an int is a step, a float in (0, 1) a fraction, 0 = ternary from the start, null =
+  never), else the first step where the scalar ``quant/lambda`` is > 0;
+- ``transition/spike`` and ``transition/recovery_steps`` (logged by
+  :class:`bitflow.callbacks.PrecisionTransition`);
 - ``train/tokens_per_sec`` (median) and the wall time from the first to the last event;
 - downstream accuracies from ``eval_results.json`` (``bitflow-eval``) or the ``eval/<task>/<metric>`` scalars.
 
-It writes ``report.md``, ``report.csv`` and PNG plots: validation loss against step with each run's switch marked;
-final validation loss against the switch point, with the 16-bit and the 1.58-bit-from-scratch baselines; the loss
-spike at the switch by phase-in schedule and optimizer state.
+It writes ``report.md``, ``report.csv`` and PNG plots: validation loss against step with each run's switch
+marked; final validation loss against the switch point, with the 16-bit and the 1.58-bit-from-scratch
+baselines; the loss spike at the switch by phase-in schedule and optimizer state.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
 
 
 def resolve_switch_step(at: Any, max_steps: int | None) -> int | None:
-    """``transition.at`` as a step, as :class:`~bitflow.callbacks.PrecisionTransition` resolves it: None = never,
-    a float in (0, 1) = ``round(at * max_steps)``, 0 or an int = that step."""
+    """``transition.at`` as a step, as :class:`~bitflow.callbacks.PrecisionTransition` resolves it: None =
+    never, a float in (0, 1) = ``round(at * max_steps)``, 0 or an int = that step."""
     if at is None:
         return None
     if isinstance(at, float) and at != 0.0:
@@ -96,8 +98,8 @@ def resolve_switch_step(at: Any, max_steps: int | None) -> int | None:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories in ``paths``: each path that is a run (has ``tb/`` or ``.hydra/``), else the runs below it
-    (a multirun's numbered job folders). Sorted by job number where the names are numbers. Raises
+    """Run directories in ``paths``: each path that is a run (has ``tb/`` or ``.hydra/``), else the runs below
+    it (a multirun's numbered job folders). Sorted by job number where the names are numbers. Raises
     FileNotFoundError for a missing path and ValueError when no run is found."""
     runs: list[Path] = []
     for p in map(Path, paths):
@@ -107,12 +109,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             found = [p]
         else:
             found = sorted(
-                {d.parent for m in RUN_MARKERS for d in p.rglob(m) if d.is_dir() and "checkpoints" not in d.parts},
+                {
+                    d.parent
+                    for m in RUN_MARKERS
+                    for d in p.rglob(m)
+                    if d.is_dir() and "checkpoints" not in d.parts
+                },
                 key=lambda d: [int(x) if x.isdigit() else x for x in d.relative_to(p).parts],
             )
         runs += [r for r in found if r not in runs]
     if not runs:
-        raise ValueError(f"bitflow-report: no run directories (with tb/ or .hydra/) under {[str(p) for p in paths]}")
+        raise ValueError(
+            f"bitflow-report: no run directories (with tb/ or .hydra/) under {[str(p) for p in paths]}"
+        )
     return runs
 
 
@@ -123,7 +132,8 @@ def read_scalars(tb_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], floa
         return {}, None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # purge_orphaned_data=False: evaluations appended later (bitflow-eval) may log an earlier step than the last
+    # purge_orphaned_data=False: an evaluation appended later (bitflow-eval) may log an earlier step than the
+    # run's last one
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
     scalars, times = {}, []
@@ -167,7 +177,7 @@ def read_run(path: Path) -> Run:
     return run
 
 
-# ---------------------------------------------------------------------------------------------------- the table
+# ------------------------------------------------------------------------------------------- the table
 def differing_overrides(runs: list[Run]) -> list[str]:
     """Override keys whose values are not the same in every run (all of them when there is one run)."""
     keys = sorted(
@@ -222,20 +232,29 @@ def run_row(run: Run, keys: list[str]) -> dict[str, Any]:
     return row
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, column: str = "") -> str:
+    """A table cell: losses and accuracies with 4 decimals, perplexities 2, speeds and times 0-1, steps as
+    ints."""
     if value is None or value == "":
         return "–"
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e6:
-            return str(int(value))
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 1e6:
+        return f"{value:.3e}"
+    if "loss" in column or "spike" in column or column.startswith("eval/"):
+        return f"{value:.4f}"
+    if "ppl" in column:
+        return f"{value:.2f}"
+    if column == "wall_time_s":
+        return f"{value:.1f}"
+    return f"{value:.0f}" if value.is_integer() or abs(value) >= 100 else f"{value:.4g}"
 
 
 def write_table(
     rows: list[dict[str, Any]], keys: list[str], out: Path, plots: list[Path] | None = None
 ) -> tuple[Path, Path]:
-    """``report.csv`` (every column) and ``report.md`` (overrides, losses, transition, speed, main accuracies)."""
+    """``report.csv`` (every column) and ``report.md`` (overrides, losses, transition, speed, main
+    accuracies)."""
     columns = list(dict.fromkeys(c for row in rows for c in row))
     csv_path = out / "report.csv"
     with csv_path.open("w", newline="") as f:
@@ -244,17 +263,28 @@ def write_table(
         for row in rows:
             writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
     evals = main_metric([c[len("eval/") :] for c in columns if c.startswith("eval/")])
-    shown = ["run", *keys, "switch_step", "final_val_loss", "final_val_ppl", "best_val_loss", "best_val_ppl",
-             "transition/spike", "transition/recovery_steps", "tokens_per_sec", "wall_time_s",
-             *[f"eval/{e}" for e in evals]]
+    shown = [
+        "run",
+        *keys,
+        "switch_step",
+        "final_val_loss",
+        "final_val_ppl",
+        "best_val_loss",
+        "best_val_ppl",
+        "transition/spike",
+        "transition/recovery_steps",
+        "tokens_per_sec",
+        "wall_time_s",
+        *[f"eval/{e}" for e in evals],
+    ]
     shown = [c for c in shown if c in ("run", *keys) or any(row.get(c) is not None for row in rows)]
     md_path = out / "report.md"
     lines = [
         "# bitflow report",
         "",
         f"{len(rows)} run(s). Overrides shown: those that differ between the runs. Losses in nats/token, "
-        "ppl = exp(loss); tokens/s is the median over training; wall time from the first to the last training "
-        "event. Full table: report.csv.",
+        "ppl = exp(loss); tokens/s is the median over training; wall time from the first to the last "
+        "training event. Full table: report.csv.",
         "",
         "| " + " | ".join(c.replace("|", "/") for c in shown) + " |",
         "|" + "|".join("---" for _ in shown) + "|",
@@ -266,7 +296,7 @@ def write_table(
             value = row.get(c)
             if c == "run" and common and str(value).startswith(common):
                 value = str(value)[len(common) :].lstrip("/") or value
-            cells.append(_fmt(value))
+            cells.append(_fmt(value, c))
         lines.append("| " + " | ".join(cells) + " |")
     if plots:
         lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
@@ -275,9 +305,11 @@ def write_table(
 
 
 # ---------------------------------------------------------------------------------------------------- plots
-def _label(run: Run, keys: list[str]) -> str:
+def _label(run: Run, keys: list[str], width: int = 70) -> str:
+    """Legend text: the run's values of the swept overrides (short key names), else the run directory's name."""
     parts = [f"{k.split('.')[-1]}={run.overrides[k]}" for k in keys if k in run.overrides]
-    return ", ".join(parts) or run.name
+    text = ", ".join(parts) or run.name
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def plot_val_loss(runs: list[Run], keys: list[str], path: Path) -> Path | None:
@@ -307,8 +339,9 @@ def plot_val_loss(runs: list[Run], keys: list[str], path: Path) -> Path | None:
 
 
 def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | None:
-    """Final validation loss against the switch point (% of training), one series per setting of the other swept
-    overrides, with the 16-bit (never switched) and 1.58-bit-from-scratch (switch at 0) baselines as lines."""
+    """Final validation loss against the switch point (% of training), one series per setting of the other
+    swept overrides, with the 16-bit (never switched) and 1.58-bit-from-scratch (switch at 0) baselines as
+    lines."""
     import matplotlib.pyplot as plt
 
     def final(run: Run) -> float | None:
@@ -345,8 +378,8 @@ def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | No
 
 
 def plot_spike(runs: list[Run], path: Path) -> Path | None:
-    """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars): the
-    mean over runs with that pair, each run as a dot."""
+    """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars):
+    the mean over runs with that pair, each run as a dot."""
     import matplotlib.pyplot as plt
 
     cells: dict[tuple[str, str], list[float]] = {}
@@ -383,7 +416,7 @@ def plot_spike(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------------------- entry point
 def make_report(paths: list[str | Path], out: str | Path | None = None) -> dict[str, Any]:
     """Read the runs under ``paths`` and write report.md, report.csv and the plots into ``out`` (default: the
     directory given, when there is one; else ./report). Returns ``{"rows", "markdown", "csv", "plots"}``."""
@@ -395,11 +428,12 @@ def make_report(paths: list[str | Path], out: str | Path | None = None) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     keys = differing_overrides(runs)
     rows = [run_row(r, keys) for r in runs]
+    swept = keys if len(runs) > 1 else []  # a single run's legend is its name, not all its overrides
     plots = [
         p
         for p in (
-            plot_val_loss(runs, keys, out / "val_loss.png"),
-            plot_switch_point(runs, keys, out / "final_loss_vs_switch.png"),
+            plot_val_loss(runs, swept, out / "val_loss.png"),
+            plot_switch_point(runs, swept, out / "final_loss_vs_switch.png"),
             plot_spike(runs, out / "spike_by_phase_in.png"),
         )
         if p is not None

@@ -7,29 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# A tiny model and corpus: every end-to-end run finishes in seconds on 2 CPU cores.
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.d_ff=64",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "data.source.max_files=60",
-    "data.vocab_size=320",
-    "data.val_windows=8",
-    "trainer.max_steps=12",
-    "trainer.val_check_interval=6",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "scheduler.warmup_steps=2",
-]
-
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -43,33 +25,3 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(cache_dir: Path, tmp_path: Path) -> list[str]:
     return [*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'run'}"]
 
-
-def compose(overrides: list[str]):
-    """Compose conf/train.yaml as the `bitflow` app would (without running Hydra's job machinery)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from bitflow.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``run_dir``, as tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
-
-
-def bitflow_env(cache_dir: Path) -> dict[str, str]:
-    """Environment for running the `bitflow` console script in a subprocess."""
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", BITFLOW_CACHE=str(cache_dir), HYDRA_FULL_ERROR="1")
-    return env

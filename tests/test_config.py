@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose
 from omegaconf import OmegaConf
 
 from bitflow.cli import CONFIG_DIR, build_callbacks, instantiate
 from bitflow.models.llama import Llama, LlamaConfig
+from tests.helpers import compose
 
 CONF = Path(CONFIG_DIR)
 # groups whose options are selected as `group=option` on top of train.yaml

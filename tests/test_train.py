@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, bitflow_env, compose, read_scalars
 
 from bitflow.cli import run_training
+from tests.helpers import TINY, bitflow_env, compose, read_scalars
 
 
 def test_bitflow_runs_from_a_directory_outside_the_repo(tmp_path: Path, cache_dir: Path):

@@ -1,13 +1,13 @@
-"""In-training downstream evaluation, as OLMo does it: every N steps run lm-eval tasks on the model in memory and
-log ``eval/<task>/<metric>`` next to the loss curves.
+"""In-training downstream evaluation, as OLMo does it: every N steps run lm-eval tasks on the model in memory
+and log ``eval/<task>/<metric>`` next to the loss curves.
 
     bitflow +callbacks.lm_eval._target_=bitflow.eval.LMEvalCallback +callbacks.lm_eval.every_n_steps=200
 
 No checkpoint round trip: the LightningModule's model and tokenizer are wrapped by
-:class:`~bitflow.eval.harness.BitflowLM` as they are, quantization state included, so a ternary phase is scored
-ternary. Only global rank zero evaluates (the others wait at a barrier); the model goes into eval mode and back,
-gradients are off, and the random number generators are restored afterwards so training continues exactly as
-without the callback.
+:class:`~bitflow.eval.harness.BitflowLM` as they are, quantization state included, so a ternary phase is
+scored ternary. Only global rank zero evaluates (the others wait at a barrier); the model goes into eval mode
+and back, gradients are off, and the random number generators are restored afterwards so training continues
+exactly as without the callback.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and CUDA) random states on exit: lm-eval reseeds them all."""
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) random states on exit: lm-eval reseeds them
+    all."""
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -56,8 +57,8 @@ def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
 
 
 class LMEvalCallback(Callback):
-    """Run lm-eval tasks every ``every_n_steps`` optimizer steps (and once at the end of training) on rank zero and
-    log their metrics as ``<prefix>/<task>/<metric>`` to every logger of the trainer.
+    """Run lm-eval tasks every ``every_n_steps`` optimizer steps (and once at the end of training) on rank
+    zero and log their metrics as ``<prefix>/<task>/<metric>`` to every logger of the trainer.
 
     Args:
         tasks: group(s) or lm-eval task names, as for ``bitflow-eval`` (default ``local``: offline, seconds).
@@ -83,12 +84,21 @@ class LMEvalCallback(Callback):
     ) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"LMEvalCallback.every_n_steps must be a positive integer, got {every_n_steps!r}")
+            raise ValueError(
+                f"LMEvalCallback.every_n_steps must be a positive integer, got {every_n_steps!r}"
+            )
         if limit is not None and not limit > 0:
-            raise ValueError(f"LMEvalCallback.limit must be positive (an int, or a fraction < 1), got {limit!r}")
+            raise ValueError(
+                f"LMEvalCallback.limit must be positive (an int, or a fraction < 1), got {limit!r}"
+            )
         self.tasks = resolve_tasks(tasks)  # bad group syntax fails at construction
         self.every_n_steps, self.limit, self.num_fewshot = every_n_steps, limit, num_fewshot
-        self.batch_size, self.precision, self.at_train_end, self.prefix = batch_size, precision, at_train_end, prefix
+        self.batch_size, self.precision, self.at_train_end, self.prefix = (
+            batch_size,
+            precision,
+            at_train_end,
+            prefix,
+        )
         self.last_step: int | None = None
         self.last_metrics: dict[str, float] = {}
         self._manager: Any = None
@@ -110,7 +120,8 @@ class LMEvalCallback(Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Evaluate now (rank zero), log, and return ``{"<prefix>/<task>/<metric>": value}`` ({} on other ranks)."""
+        """Evaluate now (rank zero), log, and return ``{"<prefix>/<task>/<metric>": value}`` ({} on other
+        ranks)."""
         step = trainer.global_step
         self.last_step = step
         metrics: dict[str, float] = {}
@@ -133,10 +144,15 @@ class LMEvalCallback(Callback):
         if tokenizer is None:
             raise ValueError("LMEvalCallback needs the LanguageModel's tokenizer (tokenizer_json is None)")
         lm = BitflowLM(
-            model=pl_module, tokenizer=tokenizer, batch_size=self.batch_size, device=pl_module.device,
+            model=pl_module,
+            tokenizer=tokenizer,
+            batch_size=self.batch_size,
+            device=pl_module.device,
             precision=self.precision,
         )
         lm.progress = False
         with preserved_rng(), quiet_lm_eval():
-            results = run_tasks(lm, self.tasks, self.limit, self.num_fewshot, bootstrap_iters=0, manager=self._manager)
+            results = run_tasks(
+                lm, self.tasks, self.limit, self.num_fewshot, bootstrap_iters=0, manager=self._manager
+            )
         return tensorboard_scalars(flatten_results(results), self.prefix)

@@ -4,12 +4,13 @@
     bitflow-eval ckpt=outputs/train/<run>/checkpoints/last.ckpt tasks=paper11
 
 The checkpoint restores the architecture, the weights, the tokenizer and the quantization state
-(:func:`bitflow.lm.load_checkpoint`), so a ternary model is scored exactly as it was trained. A model in memory
-(the in-training :class:`~bitflow.eval.callback.LMEvalCallback`) is wrapped with ``BitflowLM(model=..., tokenizer=...)``.
+(:func:`bitflow.lm.load_checkpoint`), so a ternary model is scored exactly as it was trained. A model in
+memory (the in-training :class:`~bitflow.eval.callback.LMEvalCallback`) is wrapped with ``BitflowLM(model=...,
+tokenizer=...)``.
 
-Requests are scored by :func:`bitflow.eval.scoring.score_windows`: batched, longest first; contexts are cut from
-the left to the model's context length; documents longer than it are scored in rolling windows that predict every
-token exactly once.
+Requests are scored by :func:`bitflow.eval.scoring.score_windows`: batched, longest first; contexts are cut
+from the left to the model's context length; documents longer than it are scored in rolling windows that
+predict every token exactly once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from bitflow.eval.scoring import Window, autocast_context, continuation_windows, rolling_windows, score_windows
+from bitflow.eval.scoring import (
+    Window,
+    autocast_context,
+    continuation_windows,
+    rolling_windows,
+    score_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +42,20 @@ PRECISIONS = ("auto", "32", "bf16", "16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> the first CUDA device if there is one, else the CPU; anything else as given."""
+    """``None``/"auto" -> the first CUDA device if there is one, else the CPU; anything else as given, except
+    that a CUDA device on a machine without one falls back to the CPU with a warning (lm-eval's CLI passes
+    "cuda:0" unless told otherwise)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available: evaluating on the CPU", device)
+        return torch.device("cpu")
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on a GPU that supports it, else "32"; "32", "bf16", "16" as given."""
+    """ "auto" -> "bf16" on a GPU that supports it, else "32"; "32", "bf16", "16" as given."""
     precision = str(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -56,7 +69,9 @@ def _as_tokenizer(tokenizer: Tokenizer | str) -> Tokenizer:
         return tokenizer
     if isinstance(tokenizer, str):
         return Tokenizer.from_str(tokenizer)
-    raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or its JSON string, got {type(tokenizer).__name__}")
+    raise TypeError(
+        f"tokenizer must be a tokenizers.Tokenizer or its JSON string, got {type(tokenizer).__name__}"
+    )
 
 
 def _as_decoder(model: nn.Module) -> nn.Module:
@@ -67,7 +82,8 @@ def _as_decoder(model: nn.Module) -> nn.Module:
         return inner
     if not hasattr(model, "config"):
         raise TypeError(
-            f"model must be a bitflow LanguageModel or Llama (a module with .config.max_seq_len), got {type(model)}"
+            "model must be a bitflow LanguageModel or Llama (a module with .config.max_seq_len), "
+            f"got {type(model)}"
         )
     return model
 
@@ -116,11 +132,13 @@ class BitflowLM(TemplateLM):
         super().__init__()
         if unknown:
             raise ValueError(
-                f"unknown model_args for bitflow: {sorted(unknown)}; allowed: ckpt, batch_size, max_batch_size, "
-                "device, precision, max_length, max_gen_toks"
+                f"unknown model_args for bitflow: {sorted(unknown)}; allowed: ckpt, batch_size, "
+                "max_batch_size, device, precision, max_length, max_gen_toks"
             )
         if (ckpt is None) == (model is None):
-            raise ValueError("give exactly one of ckpt=PATH (a bitflow checkpoint) or model=<module in memory>")
+            raise ValueError(
+                "give exactly one of ckpt=PATH (a bitflow checkpoint) or model=<module in memory>"
+            )
         self._device = resolve_device(device)
         self.ckpt_path = str(ckpt) if ckpt is not None else None
         if ckpt is not None:
@@ -143,7 +161,9 @@ class BitflowLM(TemplateLM):
         self._eot_id = eot
         context = int(self.model.config.max_seq_len)
         if max_length is not None and not 1 <= int(max_length) <= context:
-            raise ValueError(f"max_length must be in 1..{context} (the model's max_seq_len), got {max_length}")
+            raise ValueError(
+                f"max_length must be in 1..{context} (the model's max_seq_len), got {max_length}"
+            )
         self._max_length = int(max_length) if max_length is not None else context
         self.batch_size, self._auto_batch = _parse_batch_size(batch_size)
         if max_batch_size is not None:
@@ -196,18 +216,25 @@ class BitflowLM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _score(self, windows: list[Window], desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """Score windows in chunks (for a progress bar); with batch_size="auto", halve on CUDA out-of-memory."""
+        """Score windows in chunks (for a progress bar); with batch_size="auto", halve on CUDA
+        out-of-memory."""
         was_training = self.model.training
         self.model.eval()
         try:
             out: list[tuple[float, bool]] = []
             chunk = max(self.batch_size * 8, 1)
-            bar = tqdm(total=len(windows), desc=desc, disable=disable_tqdm or not self.progress or len(windows) < chunk)
+            bar = tqdm(
+                total=len(windows),
+                desc=desc,
+                disable=disable_tqdm or not self.progress or len(windows) < chunk,
+            )
             i = 0
             while i < len(windows):
                 part = windows[i : i + chunk]
                 try:
-                    out += score_windows(self.model, part, self.batch_size, self._device, self.precision, self._eot_id)
+                    out += score_windows(
+                        self.model, part, self.batch_size, self._device, self.precision, self._eot_id
+                    )
                 except torch.cuda.OutOfMemoryError:
                     if not self._auto_batch or self.batch_size == 1:
                         raise
@@ -222,17 +249,21 @@ class BitflowLM(TemplateLM):
         finally:
             self.model.train(was_training)
 
-    def _score_groups(self, groups: list[list[Window]], desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """Per group of windows: the summed log-probability and whether every window is greedy. Identical windows
-        (the same context and choice asked twice) are scored once; all groups' windows are batched together."""
+    def _score_groups(
+        self, groups: list[list[Window]], desc: str, disable_tqdm: bool
+    ) -> list[tuple[float, bool]]:
+        """Per group of windows: the summed log-probability and whether every window is greedy. Identical
+        windows (the same context and choice asked twice) are scored once; all groups' windows are batched
+        together."""
         unique = list(dict.fromkeys(w for group in groups for w in group))
         scores = dict(zip(unique, self._score(unique, desc, disable_tqdm), strict=True))
-        return [
-            (sum(scores[w][0] for w in group), all(scores[w][1] for w in group)) for group in groups
-        ]
+        return [(sum(scores[w][0] for w in group), all(scores[w][1] for w in group)) for group in groups]
 
     def _loglikelihood_tokens(
-        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kwargs: Any,
     ) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is_greedy) per request: the sum of the continuation tokens'
         log-probabilities, and whether greedy decoding from the context reproduces the whole continuation."""
@@ -243,10 +274,12 @@ class BitflowLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of whole documents (conditioned on <|endoftext|>) in rolling windows of ``max_length``
-        that predict every token exactly once; the windows of all documents are batched together."""
+        """Log-likelihood of whole documents (conditioned on <|endoftext|>) in rolling windows of
+        ``max_length`` that predict every token exactly once; the windows of all documents are batched
+        together."""
         groups = [
-            rolling_windows(self.tok_encode(req.args[0]), self.max_length, prefix=self._eot_id) for req in requests
+            rolling_windows(self.tok_encode(req.args[0]), self.max_length, prefix=self._eot_id)
+            for req in requests
         ]
         results = [total for total, _ in self._score_groups(groups, "loglikelihood_rolling", disable_tqdm)]
         for req, total in zip(requests, results, strict=True):
@@ -262,7 +295,9 @@ class BitflowLM(TemplateLM):
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         for _ in range(max_new):
-            inputs = torch.tensor([r[-self.max_length :] for r in rows], dtype=torch.long, device=self._device)
+            inputs = torch.tensor(
+                [r[-self.max_length :] for r in rows], dtype=torch.long, device=self._device
+            )
             with autocast_context(self._device, self.precision):
                 logits = self.model(inputs)[:, -1]
             next_ids = logits.float().argmax(dim=-1).tolist()
@@ -288,8 +323,8 @@ class BitflowLM(TemplateLM):
         return texts
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy generation until a stop sequence (``until``), EOS, or ``max_gen_toks`` tokens. Requests with the
-        same settings and context length run as one batch. Sampling settings are ignored (greedy only)."""
+        """Greedy generation until a stop sequence (``until``), EOS, or ``max_gen_toks`` tokens. Requests with
+        the same settings and context length run as one batch. Sampling settings are ignored (greedy only)."""
         eos_text = self.tok_decode([self._eot_id], skip_special_tokens=False)
         prepared = []
         for req in requests:
@@ -300,7 +335,7 @@ class BitflowLM(TemplateLM):
                 self._warned_sampling = True
             until = [s for s in kw.get("until") or [] if s and s != eos_text]
             ids = self.tok_encode(context) or [self._eot_id]
-            # the model reads the last max_length tokens at every step (the window slides as text is generated)
+            # the model reads the last max_length tokens at every step (the window slides with the text)
             prepared.append((ids[-self.max_length :], int(kw["max_gen_toks"]), tuple(until)))
         results: list[str | None] = [None] * len(requests)
         groups: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}

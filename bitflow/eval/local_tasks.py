@@ -1,8 +1,8 @@
 """Offline lm-eval tasks that ship with bitflow: their names, their data files, and the loader lm-eval calls.
 
 The data are generated from the held-out (validation) files of the default stdlib corpus by
-:mod:`bitflow.eval.make_tasks`, so a model trained on the training files is scored on code it has not seen. The
-task YAML files in ``bitflow/eval/tasks/`` point their ``custom_dataset`` at :func:`load_task_data`.
+:mod:`bitflow.eval.make_tasks`, so a model trained on the training files is scored on code it has not seen.
+The task YAML files in ``bitflow/eval/tasks/`` point their ``custom_dataset`` at :func:`load_task_data`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from functools import lru_cache
+from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ LOCAL_TAG = "bitflow_local"
 
 
 class _QuietCustomDataset(logging.Filter):
-    """lm-eval warns on every load of a task with a ``custom_dataset`` that custom kwargs can be passed through
-    ``--metadata``; bitflow's local tasks take none, so drop that hint for them."""
+    """lm-eval warns on every load of a task with a ``custom_dataset`` that custom kwargs can be passed
+    through ``--metadata``; bitflow's local tasks take none, so drop that hint for them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -50,7 +50,7 @@ def data_path(name: str) -> Path:
     return tasks_dir() / "data" / f"{name}.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_task_file(name: str) -> dict[str, Any]:
     """The parsed data file of local task ``name``: ``{"meta": {...}, "docs": [...]}``.
 
@@ -59,14 +59,16 @@ def read_task_file(name: str) -> dict[str, Any]:
     """
     path = data_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"local task data {path} is missing; regenerate with `python -m bitflow.eval.make_tasks`")
+        raise FileNotFoundError(
+            f"local task data {path} is missing; regenerate with `python -m bitflow.eval.make_tasks`"
+        )
     data = json.loads(path.read_text(encoding="utf-8"))
     recorded = data["meta"].get("python_version", "")
-    running = "%d.%d" % sys.version_info[:2]
+    running = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if not recorded.startswith(running + "."):
         log.warning(
-            "local task %s was generated from the stdlib of Python %s, this is Python %s: some of its files may "
-            "be in this Python's training split; regenerate with `python -m bitflow.eval.make_tasks`",
+            "local task %s was generated from the stdlib of Python %s, this is Python %s: some of its files "
+            "may be in this Python's training split; regenerate with `python -m bitflow.eval.make_tasks`",
             name,
             recorded,
             running,

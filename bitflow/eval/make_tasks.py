@@ -4,19 +4,19 @@
     python -m bitflow.eval.make_tasks --check    # exit 1 if the shipped files differ from a fresh generation
 
 The files are a pure function of the running Python's standard library (the validation split of
-:class:`~bitflow.data.sources.StdlibSource`, a hash of each file's relative path), ``seed`` and ``num_docs``: files are
-read in sorted order, examples are chosen by a sha1 hash instead of a random generator, and the JSON is written
-with sorted keys, so two runs give the same bytes. The Python version is recorded in every file.
+:class:`~bitflow.data.sources.StdlibSource`, a hash of each file's relative path), ``seed`` and ``num_docs``:
+files are read in sorted order, examples are chosen by a sha1 hash instead of a random generator, and the JSON
+is written with sorted keys, so two runs give the same bytes. The Python version is recorded in every file.
 
 Three tasks, all zero-shot:
 
 - ``bitflow_docstring_names`` (multiple choice, 4 options, chance 25%): which of four function names fits a
-  docstring. Each option is a context ``def <name>(<args>):\\n    \"\"\"`` and the score is the log-likelihood of
-  the docstring's first paragraph after it (the names of other held-out functions serve as distractors). The
-  docstring never contains the name itself.
-- ``bitflow_next_identifier`` (LAMBADA-like, Paperno et al. 2016, arXiv 1606.06031): predict the last identifier
-  of a logical line from up to 600 characters of code before it; the identifier occurs earlier in that context.
-  Metric: accuracy of greedy decoding of the whole identifier (chance ~0) and perplexity.
+  docstring. Each option is a context ``def <name>(<args>):\\n    \"\"\"`` and the score is the log-likelihood
+  of the docstring's first paragraph after it (the names of other held-out functions serve as distractors).
+  The docstring never contains the name itself.
+- ``bitflow_next_identifier`` (LAMBADA-like, Paperno et al. 2016, arXiv 1606.06031): predict the last
+  identifier of a logical line from up to 600 characters of code before it; the identifier occurs earlier in
+  that context. Metrics: accuracy of greedy decoding of the whole identifier (chance ~0), perplexity.
 - ``bitflow_next_line`` (HellaSwag-like, Zellers et al. 2019, arXiv 1905.07830; 4 options, chance 25%): which
   line comes next after up to 600 characters of a file; distractors are lines from other held-out files,
   re-indented like the true line.
@@ -61,11 +61,14 @@ def held_out_files(val_fraction: float = VAL_FRACTION) -> list[tuple[str, str]]:
     from bitflow.data.sources import StdlibSource
 
     source = StdlibSource(val_fraction=val_fraction)
-    return [(rel, path.read_text(encoding="utf-8", errors="replace")) for rel, path in source.split_files("val")]
+    return [
+        (rel, path.read_text(encoding="utf-8", errors="replace")) for rel, path in source.split_files("val")
+    ]
 
 
 def _select(candidates: list[dict], seed: int, num_docs: int) -> list[dict]:
-    """Up to ``num_docs`` candidates, at most MAX_PER_FILE per file, chosen and ordered by a hash of their id."""
+    """Up to ``num_docs`` candidates, at most MAX_PER_FILE per file, chosen and ordered by a hash of their
+    id."""
     ranked = sorted(candidates, key=lambda c: (stable_int(seed, c["id"]), c["id"]))
     per_file: dict[str, int] = {}
     chosen = []
@@ -80,7 +83,8 @@ def _select(candidates: list[dict], seed: int, num_docs: int) -> list[dict]:
 
 
 def _pick_distinct(pool: list[str], n: int, key: str, seed: int, exclude: Callable[[str], bool]) -> list[str]:
-    """``n`` distinct items of ``pool`` chosen by successive hashes of (seed, key, k), skipping excluded ones."""
+    """``n`` distinct items of ``pool`` chosen by successive hashes of (seed, key, k), skipping excluded
+    ones."""
     out: list[str] = []
     k = 0
     while len(out) < n:
@@ -98,7 +102,7 @@ def _with_gold(gold: str, distractors: list[str], key: str, seed: int) -> tuple[
     return distractors[:label] + [gold] + distractors[label:], label
 
 
-# ---------------------------------------------------------------------------------------------------- docstrings
+# ------------------------------------------------------------------------------------------ docstrings
 def _parse(text: str) -> ast.Module | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences in old test files
@@ -109,7 +113,8 @@ def _parse(text: str) -> ast.Module | None:
 
 
 def docstring_candidates(files: Iterable[tuple[str, str]]) -> list[dict]:
-    """Functions with a docstring whose first paragraph has 15..300 characters and does not name the function."""
+    """Functions with a docstring whose first paragraph has 15..300 characters and does not name the
+    function."""
     out, seen = [], set()
     for rel, text in files:
         tree = _parse(text)
@@ -132,12 +137,15 @@ def docstring_candidates(files: Iterable[tuple[str, str]]) -> list[dict]:
                 continue
             seen.add((name, summary))
             body = "\n    ".join(line.rstrip() for line in summary.split("\n"))
-            out.append({"id": f"{rel}:{node.lineno}:{node.col_offset}", "name": name, "args": args, "doc": body})
+            out.append(
+                {"id": f"{rel}:{node.lineno}:{node.col_offset}", "name": name, "args": args, "doc": body}
+            )
     return out
 
 
 def make_docstring_names(files: list[tuple[str, str]], seed: int, num_docs: int) -> list[dict]:
-    """Docs of ``bitflow_docstring_names``: ``contexts`` (4 ``def`` lines), ``label``, ``target`` (docstring)."""
+    """Docs of ``bitflow_docstring_names``: ``contexts`` (4 ``def`` lines), ``label``, ``target``
+    (docstring)."""
     candidates = docstring_candidates(files)
     pool = sorted({c["name"] for c in candidates})
     docs = []
@@ -156,7 +164,7 @@ def make_docstring_names(files: list[tuple[str, str]], seed: int, num_docs: int)
     return docs
 
 
-# ---------------------------------------------------------------------------------------------------- identifiers
+# ----------------------------------------------------------------------------------------- identifiers
 def _line_offsets(text: str) -> list[int]:
     offsets, pos = [0], 0
     for line in text.splitlines(keepends=True):
@@ -172,8 +180,8 @@ def _context_start(text: str, offsets: list[int], end: int) -> int:
 
 
 def identifier_candidates(files: Iterable[tuple[str, str]]) -> list[dict]:
-    """The last identifier (>= 3 characters, not a keyword) of each logical line that also occurs earlier in the
-    preceding <= 600 characters, with at least 150 characters of context."""
+    """The last identifier (>= 3 characters, not a keyword) of each logical line that also occurs earlier in
+    the preceding <= 600 characters, with at least 150 characters of context."""
     out = []
     for rel, text in files:
         offsets = _line_offsets(text)
@@ -206,10 +214,13 @@ def identifier_candidates(files: Iterable[tuple[str, str]]) -> list[dict]:
 
 def make_next_identifier(files: list[tuple[str, str]], seed: int, num_docs: int) -> list[dict]:
     """Docs of ``bitflow_next_identifier``: ``context`` and ``target`` (leading whitespace + identifier)."""
-    return [{"id": c["id"], "context": c["context"], "target": c["target"]} for c in _select(identifier_candidates(files), seed, num_docs)]
+    return [
+        {"id": c["id"], "context": c["context"], "target": c["target"]}
+        for c in _select(identifier_candidates(files), seed, num_docs)
+    ]
 
 
-# ---------------------------------------------------------------------------------------------------- next line
+# ------------------------------------------------------------------------------------------- next line
 def _usable_line(line: str) -> bool:
     stripped = line.strip()
     return len(stripped) >= 12 and not stripped.startswith("#") and len(line) <= 120
@@ -236,7 +247,9 @@ def line_candidates(files: Iterable[tuple[str, str]]) -> list[dict]:
 def make_next_line(files: list[tuple[str, str]], seed: int, num_docs: int) -> list[dict]:
     """Docs of ``bitflow_next_line``: ``context`` (ends with a newline), ``choices`` (4 lines), ``label``."""
     candidates = line_candidates(files)
-    pool = [f"{f}\x1f{s}" for f, s in sorted({(c["id"].rsplit(":", 2)[0], c["line"].strip()) for c in candidates})]
+    pool = [
+        f"{f}\x1f{s}" for f, s in sorted({(c["id"].rsplit(":", 2)[0], c["line"].strip()) for c in candidates})
+    ]
     docs = []
     for c in _select(candidates, seed, num_docs):
         file = c["id"].rsplit(":", 2)[0]
@@ -247,7 +260,9 @@ def make_next_line(files: list[tuple[str, str]], seed: int, num_docs: int) -> li
             3,
             c["id"],
             seed,
-            exclude=lambda item, file=file, gold=gold: item.split("\x1f")[0] == file or item.split("\x1f")[1] == gold,
+            exclude=lambda item, file=file, gold=gold: (
+                item.split("\x1f")[0] == file or item.split("\x1f")[1] == gold
+            ),
         )
         texts = [indent + p.split("\x1f")[1] for p in picked]
         if len(set(texts)) < 3:
@@ -308,11 +323,15 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m bitflow.eval.make_tasks [--out DIR] [--seed N] [--num-docs N] [--check]``."""
-    parser = argparse.ArgumentParser(prog="python -m bitflow.eval.make_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bitflow.eval.make_tasks", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", default=None, help="output directory (default: the shipped task data)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--num-docs", type=int, default=DEFAULT_NUM_DOCS, help="examples per task (at most)")
-    parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the shipped files instead of writing"
+    )
     args = parser.parse_args(argv)
     if args.check:
         import tempfile
@@ -320,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = generate(tmp, args.seed, args.num_docs)
             shipped = tasks_dir() / "data"
-            stale = [n for n, p in fresh.items() if not (shipped / p.name).is_file() or (shipped / p.name).read_bytes() != p.read_bytes()]
+            stale = [
+                n
+                for n, p in fresh.items()
+                if not (shipped / p.name).is_file() or (shipped / p.name).read_bytes() != p.read_bytes()
+            ]
         if stale:
             print(f"local task data differ from a fresh generation: {stale}", file=sys.stderr)
             return 1

@@ -1,8 +1,8 @@
 """Perplexity of a model on its validation split or on any text files, with sliding windows.
 
-Every token is predicted exactly once (:func:`bitflow.eval.scoring.rolling_windows`); with ``stride`` below the
-context length each prediction sees at least ``max_len + 1 - stride`` tokens of context (Press et al., arXiv
-2012.15832), which lowers perplexity towards what the model achieves on long documents.
+Every token is predicted exactly once (:func:`bitflow.eval.scoring.rolling_windows`); with ``stride`` below
+the context length each prediction sees at least ``max_len + 1 - stride`` tokens of context (Press et al.,
+arXiv 2012.15832), which lowers perplexity towards what the model achieves on long documents.
 
     loss = -1/N * sum_i log p(t_i | t_<i),    ppl = exp(loss),    bits/byte = N * loss / (ln 2 * bytes)
 """
@@ -46,8 +46,8 @@ def perplexity_of_tokens(
     device: str | None = None,
     precision: str = "32",
 ) -> dict[str, float]:
-    """Mean next-token loss, perplexity and token count of one token stream (``prefix``, e.g. EOS, is prepended
-    so the first token is scored too). ``max_len`` defaults to the model's ``max_seq_len``."""
+    """Mean next-token loss, perplexity and token count of one token stream (``prefix``, e.g. EOS, is
+    prepended so the first token is scored too). ``max_len`` defaults to the model's ``max_seq_len``."""
     decoder = _decoder(model)
     max_len = max_len or int(decoder.config.max_seq_len)
     windows = rolling_windows([int(t) for t in tokens], max_len, stride=stride, prefix=prefix)
@@ -86,9 +86,9 @@ def perplexity_of_files(
     eos_id: int | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Perplexity of each text file (one document each, conditioned on ``eos_id``) and of all of them together:
-    ``{"files": {path: {...}}, "total": {"loss", "ppl", "tokens", "bits_per_byte"}}``. ``kwargs`` go to
-    :func:`perplexity_of_tokens` (``stride``, ``batch_size``, ``device``, ``precision``)."""
+    """Perplexity of each text file (one document each, conditioned on ``eos_id``) and of all of them
+    together: ``{"files": {path: {...}}, "total": {"loss", "ppl", "tokens", "bits_per_byte"}}``. ``kwargs`` go
+    to :func:`perplexity_of_tokens` (``stride``, ``batch_size``, ``device``, ``precision``)."""
     eos_id = tokenizer.token_to_id("<|endoftext|>") if eos_id is None else eos_id
     per_file, total_logp, total_tokens, total_bytes = {}, 0.0, 0, 0
     for path in expand_paths(paths):
@@ -120,8 +120,8 @@ def perplexity_of_split(
     """Perplexity on a corpus split: the token stream bitflow validates on (every document followed by
     ``<|endoftext|>``, read from the token cache or tokenized now), scored from its first token.
 
-    ``source`` defaults to the stdlib corpus (:class:`~bitflow.data.sources.StdlibSource`); ``max_tokens`` keeps
-    only the stream's first tokens (quick checks). ``kwargs`` go to :func:`perplexity_of_tokens`.
+    ``source`` defaults to the stdlib corpus (:class:`~bitflow.data.sources.StdlibSource`); ``max_tokens``
+    keeps only the stream's first tokens (quick checks). ``kwargs`` go to :func:`perplexity_of_tokens`.
     """
     from bitflow.data.cache import build_token_cache
     from bitflow.data.datamodule import default_cache_dir
@@ -129,7 +129,9 @@ def perplexity_of_split(
     from bitflow.data.tokenizer import eos_id
 
     source = StdlibSource() if source is None else source
-    cache = build_token_cache(source, tokenizer, split, cache_dir if cache_dir is not None else default_cache_dir())
+    cache = build_token_cache(
+        source, tokenizer, split, cache_dir if cache_dir is not None else default_cache_dir()
+    )
     tokens = cache.load()
     if max_tokens is not None:
         tokens = tokens[:max_tokens]

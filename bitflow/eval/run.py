@@ -1,13 +1,13 @@
 """``bitflow-eval``: evaluate a checkpoint on lm-eval tasks (and perplexity), print a table, save and log it.
 
-    bitflow-eval ckpt=outputs/train/<time>/checkpoints/last.ckpt                      # the offline `local` tasks
-    bitflow-eval ckpt=... tasks=paper11 batch_size=32 device=cuda                      # the paper's 11 tasks
-    bitflow-eval ckpt=... tasks=piqa,sciq,local limit=200 perplexity=val               # a mix, + val-split perplexity
-    bitflow-eval ckpt=... tasks=none perplexity='data/*.txt' stride=128                # perplexity of text files
+    bitflow-eval ckpt=outputs/train/<time>/checkpoints/last.ckpt             # the offline `local` tasks
+    bitflow-eval ckpt=... tasks=paper11 batch_size=32 device=cuda             # the paper's 11 tasks
+    bitflow-eval ckpt=... tasks=piqa,sciq,local limit=200 perplexity=val      # a mix, + val-split perplexity
+    bitflow-eval ckpt=... tasks=none perplexity='data/*.txt' stride=128       # perplexity of text files
 
-Results go to ``eval_results.json`` next to the checkpoint (merged with earlier results of the same checkpoint and
-step) and, for a checkpoint inside a run directory (``<run>/checkpoints/x.ckpt``), into that run's TensorBoard
-(``<run>/tb``) as ``eval/<task>/<metric>`` at the checkpoint's global step.
+Results go to ``eval_results.json`` next to the checkpoint (merged with earlier results of the same checkpoint
+and step) and, for a checkpoint inside a run directory (``<run>/checkpoints/x.ckpt``), into that run's
+TensorBoard (``<run>/tb``) as ``eval/<task>/<metric>`` at the checkpoint's global step.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ class EvalArgs:
     """Arguments of ``bitflow-eval`` (``key=value`` on the command line)."""
 
     ckpt: str = ""  # the checkpoint to evaluate (required)
-    tasks: str = "local"  # group(s) (local, paper11, spectra) and/or lm-eval task names, comma-separated; none = skip
+    tasks: str = (
+        "local"  # group(s) (local, paper11, spectra) and/or lm-eval task names, comma-separated; none = skip
+    )
     limit: float | None = None  # examples per task (an int, or a fraction < 1); None = all
     num_fewshot: int | None = None  # None = each task's default (0 for bitflow's tasks)
     batch_size: str = "16"  # an int or "auto" (start at 64, halve on CUDA out-of-memory)
@@ -40,7 +42,9 @@ class EvalArgs:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), 32, bf16, 16
     max_length: int | None = None  # context length (default: the model's max_seq_len)
     bootstrap_iters: int = 1000  # lm-eval's bootstrap for the stderr of non-mean metrics; 0 = no stderr
-    perplexity: str | None = None  # "val" (the run's validation split), file paths/globs (comma-separated), None
+    perplexity: str | None = (
+        None  # "val" (the run's validation split), file paths/globs (comma-separated), None
+    )
     stride: int | None = None  # sliding-window stride for perplexity (default: the context length)
     output: str | None = None  # where to write the results JSON (default: <ckpt dir>/eval_results.json)
     tensorboard: bool = True  # log eval/<task>/<metric> into <run>/tb
@@ -85,17 +89,23 @@ def parse_args(argv: list[str]) -> EvalArgs:
     args = EvalArgs(**values)
     if args.limit is not None:
         if args.limit <= 0:
-            raise ValueError(f"bitflow-eval: limit must be positive (examples per task, or a fraction < 1), got {args.limit}")
+            raise ValueError(
+                "bitflow-eval: limit must be positive (examples per task, or a fraction < 1), "
+                f"got {args.limit}"
+            )
         if args.limit >= 1:
             args.limit = int(args.limit)
     if not args.ckpt:
-        raise ValueError("bitflow-eval: ckpt=PATH is required (e.g. ckpt=outputs/train/<time>/checkpoints/last.ckpt)")
+        raise ValueError(
+            "bitflow-eval: ckpt=PATH is required (e.g. ckpt=outputs/train/<time>/checkpoints/last.ckpt)"
+        )
     return args
 
 
 def flatten_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """lm-eval's ``results["results"]`` -> ``{task: {metric: value}}``: "acc,none" becomes "acc", a metric under
-    another filter becomes "<metric>_<filter>"; stderr entries are kept as "<metric>_stderr" when numeric."""
+    """lm-eval's ``results["results"]`` -> ``{task: {metric: value}}``: "acc,none" becomes "acc", a metric
+    under another filter becomes "<metric>_<filter>"; stderr entries are kept as "<metric>_stderr" when
+    numeric."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results.get("results", {}).items():
         row = {}
@@ -121,8 +131,8 @@ def run_tasks(
 ) -> dict[str, Any]:
     """Evaluate an lm-eval model (e.g. :class:`~bitflow.eval.harness.BitflowLM`) on task groups/names.
 
-    Returns lm-eval's results dict (``results``, ``versions``, ``n-shot``, ``higher_is_better``, ``config``...).
-    Bad task names raise ValueError before anything runs. ``manager``: a TaskManager from
+    Returns lm-eval's results dict (``results``, ``versions``, ``n-shot``, ``higher_is_better``,
+    ``config``...). Bad task names raise ValueError before anything runs. ``manager``: a TaskManager from
     :func:`~bitflow.eval.suites.task_manager_for` to reuse (indexing tasks takes time).
     """
     import lm_eval
@@ -195,14 +205,17 @@ def log_to_tensorboard(log_dir: str | Path, scalars: dict[str, float], step: int
 
 
 def write_results(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Write ``record`` to ``path``; if the file already holds results of the same checkpoint at the same step,
-    keep its other tasks (a later `tasks=paper11` adds to an earlier `tasks=local`)."""
+    """Write ``record`` to ``path``; if the file already holds results of the same checkpoint at the same
+    step, keep its other tasks (a later `tasks=paper11` adds to an earlier `tasks=local`)."""
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except (json.JSONDecodeError, OSError):
             old = {}
-        same = old.get("checkpoint_path") == record["checkpoint_path"] and old.get("global_step") == record["global_step"]
+        same = (
+            old.get("checkpoint_path") == record["checkpoint_path"]
+            and old.get("global_step") == record["global_step"]
+        )
         if same:
             record = {
                 **record,
@@ -219,15 +232,19 @@ def _perplexity(lm: Any, args: EvalArgs) -> dict[str, dict[str, float]]:
     kw = {"stride": args.stride, "batch_size": lm.batch_size, "device": lm.device, "precision": lm.precision}
     if args.perplexity == "val":
         source, cache_dir = _run_data_config(args.ckpt)
-        res = perplexity_of_split(lm.model, lm.tokenizer, source, "val", cache_dir, max_len=lm.max_length, **kw)
+        res = perplexity_of_split(
+            lm.model, lm.tokenizer, source, "val", cache_dir, max_len=lm.max_length, **kw
+        )
         return {"ppl_val": res}
-    files = perplexity_of_files(lm.model, lm.tokenizer, args.perplexity.split(","), max_len=lm.max_length, **kw)
+    files = perplexity_of_files(
+        lm.model, lm.tokenizer, args.perplexity.split(","), max_len=lm.max_length, **kw
+    )
     return {"ppl_files": files["total"]}
 
 
 def _run_data_config(ckpt: str) -> tuple[Any, Any]:
-    """The corpus source and cache dir of the run the checkpoint belongs to (``<run>/.hydra/config.yaml``), or the
-    default stdlib corpus and cache."""
+    """The corpus source and cache dir of the run the checkpoint belongs to (``<run>/.hydra/config.yaml``), or
+    the default stdlib corpus and cache."""
     run = run_dir_of(ckpt)
     cfg_path = run / ".hydra" / "config.yaml" if run else None
     if cfg_path is None or not cfg_path.is_file():
@@ -293,7 +310,7 @@ def evaluate_checkpoint(args: EvalArgs) -> dict[str, Any]:
             "precision": lm.precision,
             "max_length": lm.max_length,
             "stride": args.stride,
-            "python": "%d.%d.%d" % sys.version_info[:3],
+            "python": ".".join(str(v) for v in sys.version_info[:3]),
         },
     }
     out = Path(args.output) if args.output else ckpt.parent / RESULTS_FILE
@@ -323,6 +340,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitflow-eval: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def lm_eval_cli(argv: list[str] | None = None) -> None:
+    """``bitflow-lm-eval``: lm-eval's own command line (every option of ``lm_eval run``) with the model
+    ``bitflow`` registered and bitflow's local tasks on the task path (``--include_path`` unless given).
+
+        bitflow-lm-eval --model bitflow --model_args ckpt=<run>/checkpoints/last.ckpt --tasks piqa
+
+    Pass the device with ``--device`` (lm-eval's CLI passes ``cuda:0`` otherwise; without CUDA, bitflow falls
+    back to the CPU), not inside ``--model_args``.
+    """
+    from bitflow.eval import register_lm_eval_model
+    from bitflow.eval.local_tasks import tasks_dir
+
+    register_lm_eval_model()
+    from lm_eval.__main__ import cli_evaluate
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] not in ("ls", "validate") and "--include_path" not in args:
+        args += ["--include_path", str(tasks_dir())]
+    sys.argv = ["bitflow-lm-eval", *args]
+    cli_evaluate()
 
 
 if __name__ == "__main__":

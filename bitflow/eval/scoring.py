@@ -1,12 +1,13 @@
-"""Batched scoring of token sequences with a causal LM, and the sliding windows for texts longer than its context.
+"""Batched scoring of token sequences with a causal LM, and the sliding windows for texts longer than its
+context.
 
 Everything in :mod:`bitflow.eval` that asks "how likely is this text?" goes through :func:`score_windows`: the
-lm-eval adapter's ``loglikelihood`` (a continuation after a context) and ``loglikelihood_rolling`` (a whole text),
-and the perplexity of a validation split or of text files.
+lm-eval adapter's ``loglikelihood`` (a continuation after a context) and ``loglikelihood_rolling`` (a whole
+text), and the perplexity of a validation split or of text files.
 
-A :class:`Window` is a run of tokens ``w`` fed to the model as ``w[:-1]`` and predicting ``w[1:]``; only its last
-``n_scored`` targets count. Scoring a text longer than the context uses :func:`rolling_windows`: every token is
-predicted exactly once, each with as much left context as the model accepts.
+A :class:`Window` is a run of tokens ``w`` fed to the model as ``w[:-1]`` and predicting ``w[1:]``; only its
+last ``n_scored`` targets count. Scoring a text longer than the context uses :func:`rolling_windows`: every
+token is predicted exactly once, each with as much left context as the model accepts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Window:
-    """Tokens ``w``: the model reads ``w[:-1]`` and the last ``n_scored`` of the targets ``w[1:]`` are scored."""
+    """Tokens ``w``: the model reads ``w[:-1]`` and the last ``n_scored`` of the targets ``w[1:]`` are
+    scored."""
 
     tokens: tuple[int, ...]
     n_scored: int
@@ -42,16 +44,16 @@ def rolling_windows(
     prefix: int | None = None,
     first: int | None = None,
 ) -> list[Window]:
-    """Windows that score every token of the stream ``s = [prefix] + tokens`` from position ``first`` on (default
-    1: everything but the stream's first token, which is ``prefix`` when one is given) exactly once, each with the
-    most left context the model accepts.
+    """Windows that score every token of the stream ``s = [prefix] + tokens`` from position ``first`` on
+    exactly once, each with the most left context the model accepts. ``first`` defaults to 1: everything but
+    the stream's first token (which is ``prefix`` when one is given).
 
     Targets are cut into consecutive chunks of ``stride`` tokens (default ``max_len``: disjoint windows, as
-    lm-eval's rolling log-likelihood); to predict ``s[a:b]`` the model reads ``s[max(0, b - 1 - max_len) : b - 1]``,
-    so every token of a chunk sees at least ``max_len + 1 - stride`` tokens before it, or all there are. A chunk
-    that starts within the first ``max_len`` tokens reaches up to ``s[max_len]``: its tokens see the whole stream
-    start either way. A stride below ``max_len`` gives every token more context at a higher cost (the
-    sliding-window evaluation of Press et al., arXiv 2012.15832).
+    lm-eval's rolling log-likelihood). To predict ``s[a:b]`` the model reads ``s[max(0, b-1-max_len) : b-1]``,
+    so every token of a chunk sees at least ``max_len + 1 - stride`` tokens before it, or all there are. A
+    chunk that starts within the first ``max_len`` tokens reaches up to ``s[max_len]``: its tokens see the
+    whole stream start either way. A stride below ``max_len`` gives every token more context at a higher cost
+    (the sliding-window evaluation of Press et al., arXiv 2012.15832).
     """
     if max_len < 1:
         raise ValueError(f"max_len must be a positive number of tokens, got {max_len}")
@@ -75,11 +77,13 @@ def continuation_windows(context: Sequence[int], continuation: Sequence[int], ma
     """The windows that score ``continuation`` after ``context``, cutting the context from the left to fit.
 
     A continuation of up to ``max_len`` tokens is one window: the model reads the last ``max_len`` tokens of
-    ``context + continuation[:-1]``. A longer one is scored in rolling windows with stride ``max_len // 2``, so each
-    of its tokens still sees at least half a context.
+    ``context + continuation[:-1]``. A longer one is scored in rolling windows with stride ``max_len // 2``,
+    so each of its tokens still sees at least half a context.
     """
     if not context:
-        raise ValueError("the context must hold at least one token (use the EOS/BOS token for an empty context)")
+        raise ValueError(
+            "the context must hold at least one token (use the EOS/BOS token for an empty context)"
+        )
     if not continuation:
         raise ValueError("the continuation is empty: there is nothing to score")
     stride = max_len if len(continuation) <= max_len else max(1, max_len // 2)
@@ -101,9 +105,11 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[i : i + batch_size]
 
 
-def _scored_logits(model: nn.Module, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Logits at positions (rows[k], cols[k]) only: the LM head runs on just these hidden states when the model
-    exposes ``hidden_states`` and ``lm_head`` (bitflow's Llama), which saves a [B, T, V] tensor."""
+def _scored_logits(
+    model: nn.Module, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Logits at positions (rows[k], cols[k]) only: the LM head runs on just these hidden states when the
+    model exposes ``hidden_states`` and ``lm_head`` (bitflow's Llama), which saves a [B, T, V] tensor."""
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
         return model.lm_head(model.hidden_states(inputs)[rows, cols])
     return model(inputs)[rows, cols]
@@ -122,9 +128,9 @@ def score_windows(
     scored position) reproduces all of them: ``sum_j log p(w[j+1] | w[:j+1])`` over the last ``n_scored``
     positions.
 
-    Windows are run longest first in batches of ``batch_size``, right-padded with ``pad_id`` (a causal model never
-    attends to the padding that follows a position, so padding changes nothing). Results come back in input
-    order. Log-softmax is taken in float32 whatever ``precision`` the forward pass runs in.
+    Windows are run longest first in batches of ``batch_size``, right-padded with ``pad_id`` (a causal model
+    never attends to the padding that follows a position, so padding changes nothing). Results come back in
+    input order. Log-softmax is taken in float32 whatever ``precision`` the forward pass runs in.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")

@@ -16,6 +16,9 @@ the dense product evaluated at the quantized operands. At full strength (lambda 
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,9 +33,10 @@ _STRENGTH_BUFFERS = ("weight_strength", "act_strength")
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype ``F.linear`` will run in: autocast's when it is on for ``t``'s device, else ``t``'s own."""
+    """The dtype ``F.linear`` will run in: autocast's when it is on for ``t``'s device (and ``t`` is a type autocast
+    casts), else ``t``'s own."""
     device_type = t.device.type
-    if torch.is_autocast_enabled(device_type):
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return t.dtype
 
@@ -60,7 +64,47 @@ class _ActFakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        if not torch.compiler.is_compiling():  # the memo is eager-only; a traced side effect would break guards
+            _last_input.clear()  # the forward pass is over: release the memo's tensor (and the graph behind it)
         return grad.to(ctx.in_dtype), None, None, None, None, None
+
+
+class _LastInput(threading.local):
+    """One-entry memo of the last fake-quantized BitLinear input (CPU, eager mode only).
+
+    Projections that read the same tensor (``wq``/``wk``/``wv`` of attention, ``w1``/``w3`` of SwiGLU) then quantize
+    it once instead of three or two times. An entry is reused only for the very same, unmodified input tensor (same
+    object, storage and version counter) with identical quantizer options, strength value, output dtype and grad
+    mode, so the result is the one a fresh computation would give. The memo holds one tensor; it is replaced on the
+    next miss and dropped when a backward pass runs through a quantized input.
+    """
+
+    key: tuple | None = None
+    source: weakref.ref | None = None
+    result: Tensor | None = None
+    result_version: int = -1
+
+    def clear(self) -> None:
+        self.key, self.source, self.result, self.result_version = None, None, None, -1
+
+
+_last_input = _LastInput()
+
+
+def _quantize_input(layer: BitLinear, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``_ActFakeQuantSTE`` on ``x`` with ``layer``'s options, through the :class:`_LastInput` memo when safe."""
+    args = (layer.act_strength, layer.act_bits, layer.act_qmax, layer.eps, out_dtype)
+    value = QF._cpu_strength(layer.act_strength)  # None on accelerators and under torch.compile
+    if value is None or x.device.type != "cpu" or x.is_inference() or torch.is_inference_mode_enabled():
+        return _ActFakeQuantSTE.apply(x, *args)
+    key = (x._version, x.data_ptr(), x.shape, x.dtype, x.requires_grad, torch.is_grad_enabled(), value, *args[1:])
+    memo = _last_input
+    out = memo.result
+    if memo.key == key and memo.source() is x and out is not None and out._version == memo.result_version:
+        return out
+    out = _ActFakeQuantSTE.apply(x, *args)
+    memo.key, memo.source, memo.result, memo.result_version = key, weakref.ref(x), out, out._version
+    return out
 
 
 def _validate_options(
@@ -78,14 +122,18 @@ def _validate_options(
     QF._check_choice("granularity", granularity, QF.GRANULARITIES)
     if granularity == "group":
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-            raise ValueError(f"granularity='group' needs a positive int group_size, got group_size={group_size!r}")
+            raise ValueError(
+                f"granularity='group' needs a positive int group_size, got group_size={group_size!r}"
+            )
         if in_features % group_size != 0:
             raise ValueError(
                 f"group_size={group_size} does not divide in_features={in_features}; "
                 "choose a group_size that divides the number of input features"
             )
     elif group_size is not None:
-        raise ValueError(f"group_size={group_size!r} is only used with granularity='group' (got {granularity!r})")
+        raise ValueError(
+            f"group_size={group_size!r} is only used with granularity='group' (got {granularity!r})"
+        )
     QF.weight_qrange(weight_bits)
     if act_bits is not None:
         QF.activation_qrange(act_bits, act_qmax)
@@ -174,7 +222,9 @@ class BitLinear(nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         unknown = set(options) - _OPTION_NAMES
         if unknown:
-            raise ValueError(f"unknown BitLinear option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}")
+            raise ValueError(
+                f"unknown BitLinear option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}"
+            )
         full = {**_DEFAULT_OPTIONS, **options}
         _validate_options(linear.in_features, **full)
         layer = cls.__new__(cls)
@@ -207,9 +257,7 @@ class BitLinear(nn.Linear):
         elif self.input_norm == "rmsnorm":
             x = QF.rms_norm(x, self.eps)
         if self.act_bits is not None:
-            x = _ActFakeQuantSTE.apply(
-                x, self.act_strength, self.act_bits, self.act_qmax, self.eps, _compute_dtype(x)
-            )
+            x = _quantize_input(self, x, _compute_dtype(x))
         w = _WeightFakeQuantSTE.apply(
             self.weight,
             self.weight_strength,
@@ -234,7 +282,11 @@ class BitLinear(nn.Linear):
         return codes.to(torch.int8), scale
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr(), f"weight_scale={self.weight_scale!r}", f"granularity={self.granularity!r}"]
+        parts = [
+            super().extra_repr(),
+            f"weight_scale={self.weight_scale!r}",
+            f"granularity={self.granularity!r}",
+        ]
         if self.group_size is not None:
             parts.append(f"group_size={self.group_size}")
         parts.append(f"weight_bits={self.weight_bits if self.weight_bits is not None else 'ternary'}")
@@ -268,7 +320,9 @@ def _check_strength(name: str, value: float | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} strength {value!r} is not allowed; allowed: a number in [0, 1] or None (unchanged)")
+        raise ValueError(
+            f"{name} strength {value!r} is not allowed; allowed: a number in [0, 1] or None (unchanged)"
+        )
 
 
 def set_strength(module: nn.Module, weight: float | None = None, act: float | None = None) -> int:
@@ -298,10 +352,8 @@ def get_strength(module: nn.Module) -> dict[str, float]:
     layers = _bitlinears(module)
     if not layers:
         raise ValueError(f"get_strength: {type(module).__name__} contains no BitLinear layer")
-    values = {
-        (float(layer.weight_strength), float(layer.act_strength)) for layer in layers
-    }
+    values = {(float(layer.weight_strength), float(layer.act_strength)) for layer in layers}
     if len(values) > 1:
         raise ValueError(f"get_strength: the BitLinear layers have different strengths {sorted(values)}")
-    (w, a), = values
+    ((w, a),) = values
     return {"weight": w, "act": a}

@@ -81,7 +81,9 @@ def to_bitlinear(
     if unknown:
         raise ValueError(f"unknown BitLinear option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}")
     if isinstance(model, nn.Linear):
-        raise ValueError("to_bitlinear converts the Linear layers inside a model; for one layer use BitLinear.from_linear")
+        raise ValueError(
+            "to_bitlinear converts the Linear layers inside a model; for one layer use BitLinear.from_linear"
+        )
 
     linears = [
         (name, m)
@@ -89,7 +91,9 @@ def to_bitlinear(
         if not isinstance(m, BitLinear) and not isinstance(m, _SKIPPED_LINEAR_TYPES)
     ]
     targets = [
-        (name, m) for name, m in linears if (inc is None or match_name(name, inc)) and not match_name(name, exc)
+        (name, m)
+        for name, m in linears
+        if (inc is None or match_name(name, inc)) and not match_name(name, exc)
     ]
     if not targets:
         available = [name for name, _ in linears][:8]

@@ -63,7 +63,9 @@ DEFAULT_EPS = 1e-5
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}")
+        raise ValueError(
+            f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}"
+        )
 
 
 def _check_bits(name: str, bits: object, low: int, high: int, allow_none: bool) -> None:
@@ -85,7 +87,9 @@ def _check_grouping(w: Tensor, granularity: str, group_size: int | None) -> None
         )
     if granularity == "group":
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-            raise ValueError(f"granularity='group' needs a positive int group_size, got group_size={group_size!r}")
+            raise ValueError(
+                f"granularity='group' needs a positive int group_size, got group_size={group_size!r}"
+            )
         if w.shape[1] % group_size != 0:
             raise ValueError(
                 f"group_size={group_size} does not divide in_features={w.shape[1]}; "
@@ -142,7 +146,11 @@ def absmedian(w: Tensor, granularity: str = "tensor", group_size: int | None = N
 
 def _lower_median(a: Tensor) -> Tensor:
     """``a.median(dim=-1, keepdim=True).values``; on CPU in eager mode via numpy's introselect, ~10x faster."""
-    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+    if (
+        a.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    ):
         k = (a.shape[-1] - 1) // 2  # 0-based index of the lower middle value in sorted order
         part = np.partition(a.detach().numpy(), k, axis=-1)
         return torch.from_numpy(np.ascontiguousarray(part[..., k : k + 1]))
@@ -158,7 +166,9 @@ def absmax(w: Tensor, granularity: str = "tensor", group_size: int | None = None
 _STAT_FNS = {"absmean": absmean, "absmedian": absmedian, "absmax": absmax}
 
 
-def weight_stat(w: Tensor, stat: str = "absmean", granularity: str = "tensor", group_size: int | None = None) -> Tensor:
+def weight_stat(
+    w: Tensor, stat: str = "absmean", granularity: str = "tensor", group_size: int | None = None
+) -> Tensor:
     """Dispatch to :func:`absmean`, :func:`absmedian` or :func:`absmax` by name."""
     _check_choice("weight_scale", stat, WEIGHT_STATS)
     return _STAT_FNS[stat](w, granularity, group_size)
@@ -253,19 +263,37 @@ def fake_quantize_weight(
     return _fake_quantize_weight(w, stat, granularity, group_size, bits, eps)
 
 
-def _lerp(start: Tensor, end: Tensor, strength: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """``start + strength (end - start)`` written as ``out_dtype`` (``end`` when strength is None).
+def _cpu_strength(strength: Tensor | None) -> float | None:
+    """The strength as a Python float where reading it is free (a CPU tensor, eager mode), else None.
 
-    ``torch.lerp`` is exact at both ends: ``start`` for strength 0, ``end`` for strength 1. In eager mode the result
-    is written straight into an ``out_dtype`` tensor (one pass); under ``torch.compile`` the cast is fused anyway.
+    ``None`` strength means full strength (1.0). On an accelerator, or while ``torch.compile`` traces, reading the
+    value would be a device sync / graph break, so the blend then stays a tensor operation.
     """
     if strength is None:
-        return end.to(out_dtype)
-    strength = strength.to(start.dtype)
-    if torch.compiler.is_compiling() or out_dtype == start.dtype:
-        return torch.lerp(start, end, strength).to(out_dtype)
-    out = torch.empty(start.shape, dtype=out_dtype, device=start.device)
-    return torch.lerp(start, end, strength, out=out)
+        return 1.0
+    if strength.device.type == "cpu" and not torch.compiler.is_compiling():
+        return float(strength)
+    return None
+
+
+def _dequantize_blend(
+    start: Tensor, codes: Tensor, inv: Tensor, strength: Tensor | None, value: float | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``start + strength (codes * inv - start)`` as ``out_dtype`` and ``start``'s shape (``codes`` may be a grouped
+    view); ``value`` is :func:`_cpu_strength`'s read-out. ``codes`` is consumed (overwritten).
+
+    ``torch.lerp`` is exact at both ends (``start`` at 0, ``end`` at 1), so the shortcut at 1 changes no bit.
+    """
+    if value == 1.0 and out_dtype != codes.dtype and not torch.compiler.is_compiling():
+        # dequantize and cast in one pass (eager; under torch.compile the cast is fused anyway)
+        out = torch.empty(codes.shape, dtype=out_dtype, device=codes.device)
+        return torch.mul(codes, inv, out=out).reshape(start.shape)
+    q = codes.mul_(inv).reshape(start.shape)
+    if value == 1.0:
+        return q.to(out_dtype)
+    start = start.detach().to(q.dtype)
+    weight = value if value is not None else strength.to(q.dtype)
+    return torch.lerp(start, q, weight).to(out_dtype)
 
 
 def _fake_quantize_weight(
@@ -279,10 +307,13 @@ def _fake_quantize_weight(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``w + strength (Q_w(w) - w)`` as ``out_dtype`` (default ``w.dtype``), computed in float32, no autograd."""
+    out_dtype = out_dtype or w.dtype
+    value = _cpu_strength(strength)
+    if value == 0.0:  # exactly w (what lerp gives at 0), without quantizing
+        return w.detach().to(out_dtype)
     codes, _, inv = _weight_codes(w, stat, granularity, group_size, bits, eps)
-    cv, iv = _scale_for(codes, inv, granularity)
-    q = cv.mul_(iv).reshape(w.shape)
-    return _lerp(w.detach().float(), q, strength, out_dtype or w.dtype)
+    _, iv = _scale_for(codes, inv, granularity)
+    return _dequantize_blend(w, codes, iv, strength, value, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,13 +339,12 @@ def activation_qrange(bits: int = 8, qmax: float | None = None) -> tuple[int, in
     return qn, qp, float(qmax)
 
 
-def _activation_codes(
-    xf: Tensor, bits: int, qmax: float | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def _activation_codes(xf: Tensor, bits: int, qmax: float | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(codes, s_x, 1 / s_x)`` of a float32 ``xf``; codes is a fresh float32 tensor."""
     qn, qp, qm = activation_qrange(bits, qmax)
-    # float32 reductions are several times faster than bf16 ones on CPU, hence the float32 copy first
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    # max|x| = max(max x, -min x): two reads, no |x| temporary (torch.linalg.vector_norm(inf) is far slower on
+    # CPU); xf is float32 because float32 reductions are several times faster than bf16 ones on CPU
+    amax = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg_()).clamp_min_(eps)
     s = qm / amax
     codes = xf * s
     codes.round_()
@@ -351,9 +381,13 @@ def _fake_quantize_activation(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``x + strength (Q_a(x) - x)`` as ``out_dtype`` (default ``x.dtype``), computed in float32, no autograd."""
+    out_dtype = out_dtype or x.dtype
+    value = _cpu_strength(strength)
+    if value == 0.0:  # exactly x (what lerp gives at 0), without quantizing
+        return x.detach().to(out_dtype)
     xf = x.detach().float()
     codes, _, inv = _activation_codes(xf, bits, qmax, eps)
-    return _lerp(xf, codes.mul_(inv), strength, out_dtype or x.dtype)
+    return _dequantize_blend(xf, codes, inv, strength, value, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------

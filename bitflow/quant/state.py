@@ -135,3 +135,7 @@ def _capture_bitlinear(model: nn.Module) -> QuantState | None:
 
 
 register_quant_kind("bitlinear", _apply_bitlinear, _capture_bitlinear)
+
+# the "dqt" kind (Direct Quantized Training, arXiv 2412.04787) registers itself when bitflow.quant.dqt is imported;
+# importing it here makes every checkpoint load know it
+import bitflow.quant.dqt  # noqa: E402, F401

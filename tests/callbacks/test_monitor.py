@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from bitflow.callbacks import QuantMonitor
 from bitflow.cli import run_training
 from bitflow.quant import BitLinear
+from tests.helpers import compose, read_scalars
 
 
 def _layer(rows: list[list[float]]) -> BitLinear:

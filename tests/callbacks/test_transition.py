@@ -9,16 +9,17 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import compose, read_scalars
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from bitflow.callbacks import PrecisionTransition
-from bitflow.cli import run_training
+from bitflow.cli import CONFIG_DIR, build_callbacks, run_training
 from bitflow.data import StdlibSource, TokenDataModule
 from bitflow.lm import LanguageModel, load_checkpoint
-from bitflow.quant import BitLinear
+from bitflow.models.llama import Llama, LlamaConfig
+from bitflow.quant import BitLinear, to_bitlinear
+from tests.helpers import compose, read_scalars
 
 TINY_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
 # every nn.Linear of the tiny Llama but the (tied) LM head
@@ -144,9 +145,21 @@ def test_bad_transition_config_fails_before_training(tiny_overrides: list[str], 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+QUANT_OPTIONS = sorted(p.stem for p in (Path(CONFIG_DIR) / "quant").glob("*.yaml") if p.stem != "none")
+
+
+@pytest.mark.parametrize("quant", QUANT_OPTIONS)
+def test_every_quant_option_converts_the_model(quant: str, tiny_overrides: list[str]):
+    cfg = compose([*tiny_overrides, "transition=default", f"quant={quant}"])
+    (transition,) = [c for c in build_callbacks(cfg) if isinstance(c, PrecisionTransition)]
+    model = Llama(LlamaConfig(**TINY_MODEL))
+    assert to_bitlinear(model, include=transition.include, exclude=transition.exclude, **transition.options) == CONVERTED
+    assert torch.isfinite(model(torch.randint(0, 320, (2, 8)))).all()
+
+
 # ------------------------------------------------------------------------------------------------ semantics
 def test_keep_switches_in_place_and_keeps_the_optimizer_state(tmp_path: Path, cache_dir: Path):
-    probe, lm = fit(tmp_path, cache_dir, PrecisionTransition(at=0.4, optimizer_state="keep", spike_window=3))
+    probe, lm = fit(tmp_path, cache_dir, PrecisionTransition(at=0.4, optimizer_state="keep", spike_window=3, recovery_smoothing=0.5))
     t0 = 4  # 0.4 of max_steps=10
     for step in range(t0):
         assert set(probe.start[step]["types"].values()) == {"Linear"}
@@ -175,6 +188,22 @@ def test_keep_switches_in_place_and_keeps_the_optimizer_state(tmp_path: Path, ca
     assert state["options"]["weight_scale"] == "absmean" and state["options"]["weight_bits"] is None
     scalars = read_scalars(tmp_path / "tb")
     assert scalars["quant/lambda"] == [(s, 0.0) for s in range(t0)] + [(s, 1.0) for s in range(t0, 10)]
+    # spike: max loss of steps t0..t0+K-1 minus the mean of t0-K..t0-1, logged at t0+K-1 (K=3)
+    k, beta, loss = 3, 0.5, dict(scalars["train/loss"])
+    level = sum(loss[s] for s in range(t0 - k, t0)) / k
+    spike = max(loss[s] for s in range(t0, t0 + k)) - level
+    assert scalars["transition/spike"] == [(t0 + k - 1, pytest.approx(spike, abs=1e-5))]
+    # recovery: the first step from t0 on where the EMA of the loss (from t0-K on) is at or below that level
+    ema, recovered = None, None
+    for s in range(t0 - k, 10):
+        ema = loss[s] if ema is None else beta * ema + (1 - beta) * loss[s]
+        if s >= t0 and ema <= level:
+            recovered = s
+            break
+    if recovered is None:
+        assert "transition/recovery_steps" not in scalars
+    else:
+        assert scalars["transition/recovery_steps"] == [(recovered, float(recovered - t0))]
 
 
 def test_reset_rewarmup_and_tanh_phase_in(tmp_path: Path, cache_dir: Path):
@@ -216,26 +245,24 @@ def test_reset_rewarmup_and_tanh_phase_in(tmp_path: Path, cache_dir: Path):
     assert lm.lr_wrappers == []  # the re-warmup is unregistered when the fit ends
 
 
-def test_spike_and_recovery_follow_from_the_logged_losses(tmp_path: Path, cache_dir: Path):
-    t0, k, beta = 5, 3, 0.5
-    fit(tmp_path, cache_dir, PrecisionTransition(at=t0, spike_window=k, recovery_smoothing=beta), max_steps=14)
-    scalars = read_scalars(tmp_path / "tb")
-    loss = dict(scalars["train/loss"])
-    level = sum(loss[s] for s in range(t0 - k, t0)) / k
-    spike = max(loss[s] for s in range(t0, t0 + k)) - level
-    assert scalars["transition/spike"] == [(t0 + k - 1, pytest.approx(spike, abs=1e-5))]
-    ema, recovered = None, None  # EMA over the tracked steps, from t0 - K on
-    for s in range(t0 - k, 14):
-        ema = loss[s] if ema is None else beta * ema + (1 - beta) * loss[s]
-        if s >= t0 and ema <= level:
-            recovered = s
-            break
-    if recovered is None:
-        assert "transition/recovery_steps" not in scalars
-    else:
-        assert scalars["transition/recovery_steps"] == [(recovered, float(recovered - t0))]
-    # and the monitor-free run still logs lambda at every step (log_every_n_steps=1)
-    assert [s for s, _ in scalars["quant/lambda"]] == list(range(14))
+def test_spike_and_recovery_of_hand_made_losses():
+    from bitflow.callbacks.transition import _SpikeTracker
+
+    # switch at t0=3, K=2, EMA beta 0.5. Pre-switch level = mean(loss[1], loss[2]) = (4 + 3) / 2 = 3.5.
+    # spike = max(loss[3], loss[4]) - 3.5 = 6 - 3.5 = 2.5, known at step t0 + K - 1 = 4.
+    # EMA from step 1: 4, 3.5, 4.75, 4.375, 3.6875, 2.84375 <= 3.5 at step 6: recovered 6 - 3 = 3 steps after t0.
+    tracker = _SpikeTracker(t0=3, window=2, beta=0.5)
+    events = []
+    for step, loss in enumerate([5.0, 4.0, 3.0, 6.0, 4.0, 3.0, 2.0, 9.0]):
+        tracker.add(step, torch.tensor(loss / 2))  # two micro-batches, each loss / 2 (as Lightning scales them)
+        tracker.add(step, torch.tensor(loss / 2))
+        tracker.end_step(step)
+        if step in (2, 4, 7):  # flushes at some logging steps only
+            events += tracker.flush()
+    assert events == [("transition/spike", 2.5, 4), ("transition/recovery_steps", 3.0, 6)]
+    assert tracker.pre == [4.0, 3.0] and tracker.post == [6.0, 4.0]
+    tracker.add(8, torch.tensor(1.0))
+    assert tracker._acc is None  # both measured: tracking stopped
 
 
 def test_at_zero_is_ternary_from_the_first_step_and_none_never_switches(tmp_path: Path, cache_dir: Path):
@@ -321,3 +348,48 @@ def test_resume_at_any_point_matches_the_uninterrupted_run(tiny_overrides: list[
     with pytest.raises(ValueError, match="quant options .* differ"):
         run_training(compose([*common, "quant=ternary_median", f"paths.output_dir={tmp_path / 'other'}",
                               f"ckpt_path={full_dir / 'checkpoints' / 'step6.ckpt'}"]))
+
+
+# ------------------------------------------------------------------------------------------------ DDP, compile
+@pytest.mark.slow
+def test_ddp_switches_every_rank_at_the_same_step(tmp_path: Path, cache_dir: Path):
+    import subprocess
+
+    from conftest import TINY, bitflow_env
+
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    proc = subprocess.run(
+        ["bitflow", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
+         "trainer.max_steps=6", "transition=default", "transition.at=3", "transition.optimizer_state=reset",
+         "transition.phase_in=linear", "transition.phase_in_steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=bitflow_env(cache_dir), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # both ranks log the switch at step 3
+    assert proc.stderr.count("precision transition at step 3: 14 layers -> BitLinear") + proc.stdout.count(
+        "precision transition at step 3: 14 layers -> BitLinear") == 2, proc.stderr[-4000:]
+    ckpt = _ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    assert ckpt["bitflow"]["quant"]["layers"] == CONVERTED
+    assert ckpt["bitflow"]["quant"]["strength"] == {"weight": 1.0, "act": 1.0}
+    lam = dict(read_scalars(tmp_path / "run" / "tb")["quant/lambda"])
+    assert [lam[s] for s in range(6)] == [0.0, 0.0, 0.0, 0.0, 0.5, 1.0]
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_lambda_without_recompiling_per_step(tiny_overrides: list[str], tmp_path: Path):
+    import torch._dynamo
+
+    common = [*tiny_overrides, "trainer.max_steps=7", "trainer.precision=32-true", "trainer.val_check_interval=7",
+              "transition=default", "transition.at=2", "transition.phase_in=linear", "transition.phase_in_steps=4"]
+    run_training(compose([*common, f"paths.output_dir={tmp_path / 'eager'}"]))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run_training(compose([*common, "compile=true", f"paths.output_dir={tmp_path / 'compiled'}"]))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager = dict(read_scalars(tmp_path / "eager" / "tb")["train/loss"])
+    compiled = dict(read_scalars(tmp_path / "compiled" / "tb")["train/loss"])
+    # lambda went 0, 0.25, 0.5, 0.75, 1 through buffers: the compiled losses track the eager ones step by step
+    assert [compiled[s] for s in range(7)] == pytest.approx([eager[s] for s in range(7)], rel=1e-3)
+    # 16-bit training, ternary training, validation: a few graphs, not one per lambda value
+    assert graphs <= 4, graphs

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bitflow.quant.bitlinear as BL
 import bitflow.quant.functional as QF
 from bitflow.quant import BitLinear, get_strength, set_strength
 
@@ -135,7 +136,9 @@ def test_act_bits_none_and_qmax():
     torch.testing.assert_close(layer(x), x @ (torch.tensor([[1.0, -1, 0], [1, 0, -1]]) * 2.8 / 6).T)
     # act_qmax 128, 4-bit weights with absmax: just check it runs the formula through the functional quantizers
     layer = _layer(WT, act_qmax=128, weight_bits=4, weight_scale="absmax")
-    ref = F.linear(QF.fake_quantize_activation(x, qmax=128), QF.fake_quantize_weight(layer.weight, "absmax", bits=4))
+    ref = F.linear(
+        QF.fake_quantize_activation(x, qmax=128), QF.fake_quantize_weight(layer.weight, "absmax", bits=4)
+    )
     torch.testing.assert_close(layer(x), ref)
 
 
@@ -143,7 +146,9 @@ def test_input_norm_options():
     x = torch.tensor(X)
     for norm, fn in (("layernorm", QF.layer_norm), ("rmsnorm", QF.rms_norm)):
         layer = _layer(WT, input_norm=norm)
-        torch.testing.assert_close(layer(x), F.linear(QF.fake_quantize_activation(fn(x)), QF.fake_quantize_weight(layer.weight)))
+        torch.testing.assert_close(
+            layer(x), F.linear(QF.fake_quantize_activation(fn(x)), QF.fake_quantize_weight(layer.weight))
+        )
         set_strength(layer, weight=0.0, act=0.0)  # the norm stays at strength 0
         torch.testing.assert_close(layer(x), F.linear(fn(x), layer.weight))
 
@@ -215,7 +220,9 @@ def test_from_linear_reuses_parameters():
 
 def test_bf16_autocast_forward_backward_finite():
     torch.manual_seed(0)
-    model = nn.Sequential(BitLinear(32, 64, input_norm="rmsnorm"), nn.GELU(), BitLinear(64, 8, weight_scale="absmedian"))
+    model = nn.Sequential(
+        BitLinear(32, 64, input_norm="rmsnorm"), nn.GELU(), BitLinear(64, 8, weight_scale="absmedian")
+    )
     x = torch.randn(2, 5, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
@@ -250,3 +257,78 @@ def test_bf16_autocast_forward_backward_finite():
 def test_invalid_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
         BitLinear(8, 4, **options)
+
+
+class _Shared(nn.Module):
+    """Three projections of one input (like wq/wk/wv), then one of another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (BitLinear(16, 16) for _ in range(3))
+        self.o = BitLinear(16, 4, weight_scale="absmedian")
+
+    def forward(self, x):
+        return self.o(self.q(x) * torch.sigmoid(self.k(x)) + self.v(x))
+
+
+def _count_quantizations(monkeypatch):
+    calls = []
+    original = BL._ActFakeQuantSTE.apply
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(BL._ActFakeQuantSTE, "apply", counting)
+    return calls
+
+
+def test_shared_input_is_quantized_once_with_identical_results(monkeypatch):
+    torch.manual_seed(0)
+    model = _Shared()
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    # reference: every projection gets its own copy of the input, so nothing can be shared
+    xs = [x.detach().clone().requires_grad_() for _ in range(3)]
+    ref = model.o(model.q(xs[0]) * torch.sigmoid(model.k(xs[1])) + model.v(xs[2]))
+    ref.sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    calls = _count_quantizations(monkeypatch)
+    y = model(x)
+    assert len(calls) == 2  # q/k/v share one quantization of x, o quantizes its own input
+    assert torch.equal(y, ref)
+    y.sum().backward()
+    assert BL._last_input.result is None  # backward released the memo
+    torch.testing.assert_close(x.grad, xs[0].grad + xs[1].grad + xs[2].grad)
+    for p, g in zip(model.parameters(), ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    with torch.no_grad():
+        calls.clear()
+        assert torch.equal(model(x), ref)
+        assert len(calls) == 2
+
+
+def test_memo_is_not_reused_after_changes(monkeypatch):
+    torch.manual_seed(0)
+    a, b = BitLinear(8, 4), BitLinear(8, 4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    calls = _count_quantizations(monkeypatch)
+    with torch.no_grad():
+        a(x)
+        x.mul_(2.0)  # in place: new version counter
+        yb = b(x)
+        assert len(calls) == 2
+        set_strength(b, act=0.5)
+        b(x)
+        assert len(calls) == 3  # another strength: recomputed
+        BitLinear(8, 4, act_bits=4)(x)
+        assert len(calls) == 4  # other options: recomputed
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a(x)
+        assert len(calls) == 5  # another output dtype: recomputed
+        with torch.inference_mode():
+            a(x), a(x)
+        assert len(calls) == 7  # inference tensors have no version counter: never memoized
+        assert torch.equal(yb, a(x.clone()))  # b at full strength gave a fresh result for the changed x

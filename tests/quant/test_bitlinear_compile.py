@@ -51,3 +51,17 @@ def test_no_graph_breaks_explain():
 @pytest.mark.slow
 def test_fullgraph_forward_backward_inductor():
     _check_compiled_matches_eager("inductor", autocast=True)
+
+
+def test_compiled_strength_zero_is_exactly_nn_linear():
+    # under torch.compile the blend is a tensor lerp (no CPU shortcut): still exact at strength 0
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    layer = BitLinear.from_linear(linear)
+    set_strength(layer, weight=0.0, act=0.0)
+    x = torch.randn(4, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), linear(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compiled(x), linear(x))

@@ -25,7 +25,11 @@ class Attn(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, d, f):
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False), nn.Linear(d, f, bias=False)
+        self.w1, self.w2, self.w3 = (
+            nn.Linear(d, f, bias=False),
+            nn.Linear(f, d, bias=False),
+            nn.Linear(d, f, bias=False),
+        )
 
     def forward(self, x):
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
@@ -91,7 +95,9 @@ def test_include_exclude_patterns():
         "layers.1.mlp.w2",
     ]
     assert to_bitlinear(ToyLlama(), include="layers.0.attn.wq") == ["layers.0.attn.wq"]
-    assert to_bitlinear(ToyLlama(), exclude=["lm_head", "wo"]) == [n for n in ALL_BUT_HEAD if not n.endswith("wo")]
+    assert to_bitlinear(ToyLlama(), exclude=["lm_head", "wo"]) == [
+        n for n in ALL_BUT_HEAD if not n.endswith("wo")
+    ]
     assert to_bitlinear(ToyLlama(), exclude=None) == ALL_BUT_HEAD + ["lm_head"]
     # "lm_head" also excludes a nested "model.lm_head"
     wrapper = nn.Module()
@@ -104,7 +110,9 @@ def test_include_exclude_patterns():
 
 def test_filter_matching_nothing_raises_and_leaves_model_unchanged():
     model = ToyLlama()
-    with pytest.raises(ValueError, match=r"include=\['attention\.\*'\].*available Linear layers.*layers\.0\.attn\.wq"):
+    with pytest.raises(
+        ValueError, match=r"include=\['attention\.\*'\].*available Linear layers.*layers\.0\.attn\.wq"
+    ):
         to_bitlinear(model, include=["attention.*"])
     with pytest.raises(ValueError, match="match no nn.Linear"):
         to_bitlinear(nn.Sequential(nn.ReLU()))

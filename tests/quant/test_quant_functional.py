@@ -47,7 +47,9 @@ def test_per_channel_absmean():
     codes, scale = QF.quantize_weight(W, "absmean", "channel")
     torch.testing.assert_close(scale, torch.tensor([[1 / 0.75], [1 / 1.05]]))
     assert torch.equal(codes, torch.tensor([[1.0, -1.0], [0.0, 1.0]]))
-    torch.testing.assert_close(QF.fake_quantize_weight(W, "absmean", "channel"), torch.tensor([[0.75, -0.75], [0.0, 1.05]]))
+    torch.testing.assert_close(
+        QF.fake_quantize_weight(W, "absmean", "channel"), torch.tensor([[0.75, -0.75], [0.0, 1.05]])
+    )
 
 
 def test_per_group_absmean():
@@ -67,7 +69,10 @@ def test_per_group_absmean():
         QF.fake_quantize_weight(w, "absmean", "group", group_size=2),
         torch.tensor([[0.0, -0.4, 1.8, 0.0], [0.4, 0.4, -0.15, -0.15]]),
     )
-    torch.testing.assert_close(QF.dequantize_weight(codes, scale, "group"), torch.tensor([[0.0, -0.4, 1.8, 0.0], [0.4, 0.4, -0.15, -0.15]]))
+    torch.testing.assert_close(
+        QF.dequantize_weight(codes, scale, "group"),
+        torch.tensor([[0.0, -0.4, 1.8, 0.0], [0.4, 0.4, -0.15, -0.15]]),
+    )
 
 
 def test_nbit_weights():
@@ -76,7 +81,9 @@ def test_nbit_weights():
     codes, scale = QF.quantize_weight(w, "absmax", bits=4)
     assert scale.item() == pytest.approx(3.5)
     assert torch.equal(codes, torch.tensor([[2.0, -4.0], [0.0, 7.0]]))
-    torch.testing.assert_close(QF.fake_quantize_weight(w, "absmax", bits=4), torch.tensor([[2 / 3.5, -4 / 3.5], [0.0, 2.0]]))
+    torch.testing.assert_close(
+        QF.fake_quantize_weight(w, "absmax", bits=4), torch.tensor([[2 / 3.5, -4 / 3.5], [0.0, 2.0]])
+    )
     # absmean 4 bits: mean|w| = 3.8 / 4 = 0.95, s = 7 / 0.95 = 7.368: [3.68, -8.84, 0.74, 14.74]
     # -> round [4, -9, 1, 15] -> clamp(-8, 7) [4, -8, 1, 7]
     codes, scale = QF.quantize_weight(w, "absmean", bits=4)
@@ -104,7 +111,8 @@ def test_per_token_absmax_activation():
     torch.testing.assert_close(scale, torch.tensor([[63.5], [127 / 0.6]]))
     assert torch.equal(codes, torch.tensor([[70.0, -127.0, 32.0], [53.0, 21.0, -127.0]]))
     torch.testing.assert_close(
-        QF.fake_quantize_activation(x), torch.tensor([[70 / 63.5, -2.0, 32 / 63.5], [53 * 0.6 / 127, 21 * 0.6 / 127, -0.6]])
+        QF.fake_quantize_activation(x),
+        torch.tensor([[70 / 63.5, -2.0, 32 / 63.5], [53 * 0.6 / 127, 21 * 0.6 / 127, -0.6]]),
     )
     # 4 bits: Qp = 7, token 0: s = 3.5: [3.85, -7, 1.75] -> [4, -7, 2]
     codes4, _ = QF.quantize_activation(x[:1], bits=4)
@@ -152,7 +160,10 @@ def test_ste_blend_half_strength_by_hand():
 
 
 def test_round_nearest_ties_to_even():
-    assert torch.equal(QF.round_nearest(torch.tensor([0.5, 1.5, -2.5, 0.51, -0.49])), torch.tensor([0.0, 2.0, -2.0, 1.0, -0.0]))
+    assert torch.equal(
+        QF.round_nearest(torch.tensor([0.5, 1.5, -2.5, 0.51, -0.49])),
+        torch.tensor([0.0, 2.0, -2.0, 1.0, -0.0]),
+    )
 
 
 def test_stochastic_round_unbiased_within_five_standard_errors():
@@ -185,11 +196,11 @@ def test_stochastic_round_reproducible_and_keeps_integers():
 def test_parameter_free_norms():
     # layernorm [1, 2, 3, 4]: mean 2.5, biased var 1.25
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    torch.testing.assert_close(
-        QF.layer_norm(x), (x - 2.5) / math.sqrt(1.25 + 1e-5)
-    )
+    torch.testing.assert_close(QF.layer_norm(x), (x - 2.5) / math.sqrt(1.25 + 1e-5))
     # rmsnorm [3, 4]: mean square 12.5
-    torch.testing.assert_close(QF.rms_norm(torch.tensor([3.0, 4.0])), torch.tensor([3.0, 4.0]) / math.sqrt(12.5 + 1e-5))
+    torch.testing.assert_close(
+        QF.rms_norm(torch.tensor([3.0, 4.0])), torch.tensor([3.0, 4.0]) / math.sqrt(12.5 + 1e-5)
+    )
 
 
 @pytest.mark.parametrize(

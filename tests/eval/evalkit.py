@@ -1,4 +1,10 @@
-"""Fixtures of the evaluation tests: a tiny byte-level BPE, a tiny Llama LanguageModel, and its checkpoint file."""
+"""Shared pieces of the evaluation tests: a tiny byte-level BPE, a tiny Llama LanguageModel, and its
+checkpoint.
+
+Test modules load it as a plugin (``pytest_plugins = ["tests.eval.evalkit"]``) for the fixtures ``tiny_tokenizer``,
+``tiny_lm`` and ``tiny_run_checkpoint``. It is not a conftest.py because tests/conftest.py is imported by name
+(``from conftest import ...``) and a second conftest.py would shadow it.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ CONTEXT = 16  # the tiny model's max_seq_len: short, so texts longer than the co
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
+def tiny_tokenizer():
     """A 300-entry byte-level BPE trained on a few stdlib modules (deterministic)."""
     docs = [inspect.getsource(m) for m in (json, os, inspect)]
     return train_tokenizer(docs, vocab_size=300)
@@ -26,11 +32,17 @@ def tokenizer():
 def make_lm(tokenizer, seed: int = 0, max_seq_len: int = CONTEXT) -> LanguageModel:
     torch.manual_seed(seed)
     lm = LanguageModel(
-        model={"vocab_size": tokenizer.get_vocab_size(), "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
-               "max_seq_len": max_seq_len},
+        model={
+            "vocab_size": tokenizer.get_vocab_size(),
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "d_ff": 64,
+            "max_seq_len": max_seq_len,
+        },
         tokenizer_json=tokenizer.to_str(),
     )
-    # a random init predicts almost uniformly; larger weights give sharper, more varied distributions to test with
+    # a random init predicts almost uniformly; larger weights give sharper, more varied distributions
     with torch.no_grad():
         for p in lm.parameters():
             if p.dim() >= 2:
@@ -39,8 +51,8 @@ def make_lm(tokenizer, seed: int = 0, max_seq_len: int = CONTEXT) -> LanguageMod
 
 
 @pytest.fixture
-def lm(tokenizer) -> LanguageModel:
-    return make_lm(tokenizer)
+def tiny_lm(tiny_tokenizer) -> LanguageModel:
+    return make_lm(tiny_tokenizer)
 
 
 def save_checkpoint(lm: LanguageModel, path: Path, global_step: int = 7) -> Path:
@@ -59,7 +71,7 @@ def save_checkpoint(lm: LanguageModel, path: Path, global_step: int = 7) -> Path
 
 
 @pytest.fixture
-def run_checkpoint(lm, tmp_path: Path) -> Path:
+def tiny_run_checkpoint(tiny_lm, tmp_path: Path) -> Path:
     """``<run>/checkpoints/last.ckpt`` with an (empty) ``<run>/tb``, as a bitflow run lays them out."""
     (tmp_path / "run" / "tb").mkdir(parents=True)
-    return save_checkpoint(lm, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    return save_checkpoint(tiny_lm, tmp_path / "run" / "checkpoints" / "last.ckpt")
