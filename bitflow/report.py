@@ -7,7 +7,8 @@ A run is a directory with ``tb/`` (TensorBoard event files) and, from Hydra, ``.
 ``.hydra/config.yaml``; a directory that is not a run is searched for runs below it. Per run, the report
 reads:
 
-- the command-line overrides, and shows those that differ between the runs (the swept settings);
+- the command-line overrides, and shows those whose value (from the command line, else the config) differs
+  between the runs: the swept settings;
 - ``val/loss``: final and best, and their perplexities exp(loss);
 - the switch step of a precision transition: the config's ``transition.at`` resolved against
   ``trainer.max_steps`` (an int is a step, a float in (0, 1) a fraction, 0 = ternary from the start, null =
@@ -54,6 +55,16 @@ class Run:
     def name(self) -> str:
         return self.path.name
 
+    def setting(self, key: str) -> str:
+        """The run's value of an override key: from its command line, else from its config (a sweep over one
+        setting shows the others' values too), else ""."""
+        if key in self.overrides:
+            return self.overrides[key]
+        value = _get(self.config, key)
+        if value is None or isinstance(value, (dict, list)):
+            return "null" if value is None and _has(self.config, key) else ""
+        return str(value)
+
     def series(self, tag: str) -> list[tuple[int, float]]:
         return self.scalars.get(tag, [])
 
@@ -85,6 +96,12 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
             return None
         node = node[key]
     return node
+
+
+def _has(cfg: dict[str, Any], dotted: str) -> bool:
+    parent, _, last = dotted.rpartition(".")
+    node = _get(cfg, parent) if parent else cfg
+    return isinstance(node, dict) and last in node
 
 
 def resolve_switch_step(at: Any, max_steps: int | None) -> int | None:
@@ -184,9 +201,11 @@ def differing_overrides(runs: list[Run]) -> list[str]:
         {k for r in runs for k in r.overrides if not k.startswith(IGNORED_OVERRIDE_PREFIXES)},
         key=lambda k: min(list(r.overrides).index(k) for r in runs if k in r.overrides),
     )
+    # a config group choice (`transition=default`) is shown through the settings it brings (transition.*)
+    keys = [k for k in keys if not any(isinstance(_get(r.config, k), dict) for r in runs)]
     if len(runs) == 1:
         return keys
-    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    return [k for k in keys if len({r.setting(k) for r in runs}) > 1]
 
 
 def _ppl(loss: float | None) -> float | None:
@@ -213,7 +232,7 @@ def run_row(run: Run, keys: list[str]) -> dict[str, Any]:
     best = min(v for _, v in val) if val else None
     tps = [v for _, v in run.series("train/tokens_per_sec")]
     row: dict[str, Any] = {"run": str(run.path)}
-    row.update({k: run.overrides.get(k, "") for k in keys})
+    row.update({k: run.setting(k) for k in keys})
     row.update(
         {
             "switch_step": run.switch_step,
@@ -307,7 +326,7 @@ def write_table(
 # ---------------------------------------------------------------------------------------------------- plots
 def _label(run: Run, keys: list[str], width: int = 70) -> str:
     """Legend text: the run's values of the swept overrides (short key names), else the run directory's name."""
-    parts = [f"{k.split('.')[-1]}={run.overrides[k]}" for k in keys if k in run.overrides]
+    parts = [f"{k.split('.')[-1]}={run.setting(k)}" for k in keys if run.setting(k) != ""]
     text = ", ".join(parts) or run.name
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -355,7 +374,8 @@ def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | No
     other = [k for k in keys if k != "transition.at"]
     series: dict[str, list[tuple[float, float]]] = {}
     for r in switched:
-        name = ", ".join(f"{k.split('.')[-1]}={r.overrides.get(k, '')}" for k in other) or "switched runs"
+        name = ", ".join(f"{k.split('.')[-1]}={r.setting(k)}" for k in other if r.setting(k) != "")
+        name = name or "switched runs"
         series.setdefault(name, []).append((100.0 * r.switch_step / r.max_steps, final(r)))
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, (name, pts) in enumerate(sorted(series.items())):

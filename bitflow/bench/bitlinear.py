@@ -100,6 +100,7 @@ def run(quick: bool = False, compile: bool = False) -> list[dict]:
             "layer": name,
             "shape": f"{n_layers}x(d={d}, ffn={ffn}), batch {batch} x seq {seq}",
             "compiled": compile,
+            "threads": torch.get_num_threads(),
             "ms_per_step": None,
             "ms_median": None,
             "ratio_vs_linear": None,
@@ -125,9 +126,8 @@ def run(quick: bool = False, compile: bool = False) -> list[dict]:
         runners[name] = step
     times: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(
-        rounds
-    ):  # interleave the variants so that load from other processes hits all of them alike
+    # interleave the variants so that load from other processes hits all of them alike
+    for _ in range(rounds):
         for name, step in runners.items():
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
@@ -152,11 +152,10 @@ def _print_table(rows: list[dict]) -> None:
     )
     print(f"{'layer':<22} {'ms/step':>9} {'vs Linear':>10} {'CPU ms':>9} {'vs Linear':>10}  note")
     for r in rows:
-        cells = [
-            f"{r[key]:.2f}" if r[key] is not None else "-" for key in ("ms_per_step", "cpu_ms_per_step")
-        ]
+        cells = [f"{r[key]:.2f}" if r[key] is not None else "-" for key in ("ms_per_step", "cpu_ms_per_step")]
         ratios = [
-            f"{r[key]:.3f}x" if r[key] is not None else "-" for key in ("ratio_vs_linear", "cpu_ratio_vs_linear")
+            f"{r[key]:.3f}x" if r[key] is not None else "-"
+            for key in ("ratio_vs_linear", "cpu_ratio_vs_linear")
         ]
         print(f"{r['layer']:<22} {cells[0]:>9} {ratios[0]:>10} {cells[1]:>9} {ratios[1]:>10}  {r['note']}")
 
@@ -165,7 +164,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,14 +1,17 @@
 """Direct Quantized Training (arXiv 2412.04787) against BitNet STE training: memory, step time, final loss.
 
-Three tables:
+    python -m bitflow.bench.dqt [--quick] [--only=memory,rss,time,loss]
 
-1. Bytes held between steps for weights plus optimizer state, (a) summed from tensor sizes after two training
-   steps, (b) from the resident set size of a fresh process per mode (``MALLOC_MMAP_THRESHOLD_`` set so that freed
+Four tables:
+
+1. Bytes held between steps for the weights plus optimizer state, summed from tensor sizes after two training
+   steps. Modes: STE ternary (BitLinear: fp32 latent weights + fp32 AdamW moments), DQT ternary and 8-bit with fp32
+   or bf16 moments, and 16-bit AdamW for reference.
+2. The same from the resident set size of a fresh process per mode (``MALLOC_MMAP_THRESHOLD_`` set so that freed
    tensors go back to the OS; the peak counter is reset after the model is built, so the fp32 init weights a DQT
-   model is converted from do not count). Modes: STE ternary (BitLinear: fp32 latent weights + fp32 AdamW moments),
-   DQT ternary and 8-bit with fp32 or bf16 moments, and 16-bit AdamW for reference.
-2. Time of one training step (forward, backward, clipping, optimizer step) under bf16 autocast.
-3. Final validation loss after the same number of steps on the default corpus, through the real ``bitflow`` run
+   model is converted from do not count): held between steps and peak during the steps.
+3. Time of one training step (forward, backward, clipping, optimizer step) under bf16 autocast.
+4. Final validation loss after the same number of steps on the default corpus, through the real ``bitflow`` run
    (``run_training`` with ``+dqt=none|ste_ternary|ternary|int8``, the modes of ``+experiment=dqt_vs_ste``).
 """
 
@@ -223,7 +226,13 @@ def loss_rows(steps: int, overrides: list[str] | None = None) -> list[dict[str, 
     return rows
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+PARTS = ("memory", "rss", "time", "loss")
+# the final-loss comparison: the default tiny model and corpus with a CPU-sized batch, as experiments/dqt_vs_ste
+LOSS_OVERRIDES = ["data.batch_size=8", "data.seq_len=128"]
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> list[dict[str, Any]]:
+    """The four tables (``parts`` selects some); rows carry a ``table`` key naming theirs."""
     # accounting and step time: the tiny default shape (its 8192-token vocabulary); RSS: wide layers and a small
     # vocabulary so that the targeted weights dominate the process
     tiny = LlamaConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=6, d_ff=512, max_seq_len=256)
@@ -232,19 +241,26 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     batch = torch.randint(0, tiny.vocab_size, (8 if quick else 16, 257))
     rows: list[dict[str, Any]] = []
-    mem = memory_rows(tiny, batch[:2, :33])
-    print_table("DQT vs STE: bytes held between steps, from tensor sizes (tiny model; 'targeted' = the linear "
-                "layers DQT/BitLinear convert)", mem)
-    rss = rss_rows(wide)
-    print_table(f"DQT vs STE: process RSS above baseline (d_model={wide.d_model}, {wide.n_layers} layers, vocab "
-                f"{wide.vocab_size}, batch 1x8)", rss)
-    times = step_time_rows(tiny, batch, quick)
-    print_table(f"DQT vs STE: training step time (tiny model, batch {batch.shape[0]}x{batch.shape[1] - 1}, bf16 "
-                "autocast, CPU)", times)
-    losses = loss_rows(30 if quick else 600)
-    print_table("DQT vs STE: final val/loss, same model, data, steps and LR (default corpus)", losses)
-    for table, part in (("memory", mem), ("rss", rss), ("step_time", times), ("val_loss", losses)):
-        rows += [{"table": table, **r} for r in part]
+    if "memory" in parts:
+        mem = memory_rows(tiny, batch[:2, :33])
+        print_table("DQT vs STE: bytes held between steps, from tensor sizes (tiny model; 'targeted' = the linear "
+                    "layers DQT/BitLinear convert)", mem)
+        rows += [{"table": "memory", **r} for r in mem]
+    if "rss" in parts:
+        rss = rss_rows(wide)
+        print_table(f"DQT vs STE: process RSS above baseline (d_model={wide.d_model}, {wide.n_layers} layers, "
+                    f"vocab {wide.vocab_size}, batch 1x8)", rss)
+        rows += [{"table": "rss", **r} for r in rss]
+    if "time" in parts:
+        times = step_time_rows(tiny, batch, quick)
+        print_table(f"DQT vs STE: training step time (tiny model, batch {batch.shape[0]}x{batch.shape[1] - 1}, "
+                    "bf16 autocast, CPU)", times)
+        rows += [{"table": "step_time", **r} for r in times]
+    if "loss" in parts:
+        losses = loss_rows(30 if quick else 300, LOSS_OVERRIDES)
+        print_table("DQT vs STE: final val/loss, same model, data, steps and LR (default corpus, batch 8x128)",
+                    losses)
+        rows += [{"table": "val_loss", **r} for r in losses]
     return rows
 
 
@@ -252,4 +268,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rss":
         _rss_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
-        run(quick="--quick" in sys.argv)
+        only = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")), PARTS)
+        unknown = sorted(set(only) - set(PARTS))
+        if unknown:
+            raise SystemExit(f"unknown part(s) {unknown}; allowed: {', '.join(PARTS)}")
+        run(quick="--quick" in sys.argv, parts=tuple(only))

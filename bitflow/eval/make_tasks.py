@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import hashlib
 import io
 import json
 import keyword
+import math
 import platform
 import re
 import sys
@@ -41,7 +43,7 @@ from typing import Any
 
 from bitflow.eval.local_tasks import LOCAL_TASKS, tasks_dir
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_SEED = 1234
 DEFAULT_NUM_DOCS = 400
 VAL_FRACTION = 0.05  # the default stdlib corpus split (conf/data/stdlib.yaml)
@@ -244,19 +246,39 @@ def line_candidates(files: Iterable[tuple[str, str]]) -> list[dict]:
     return out
 
 
+def _similar_length(
+    pool: list[tuple[int, str, str]], length: int, minimum: int = 50
+) -> list[tuple[int, str, str]]:
+    """The entries of ``pool`` (sorted by length) within 0.8x..1.25x ``length``, widened to the ``minimum``
+    nearest in length when that range is small."""
+    lengths = [n for n, _, _ in pool]
+    lo, hi = (
+        bisect.bisect_left(lengths, math.ceil(0.8 * length)),
+        bisect.bisect_right(lengths, int(1.25 * length)),
+    )
+    while hi - lo < minimum and (lo > 0 or hi < len(pool)):
+        lo, hi = max(0, lo - 1), min(len(pool), hi + 1)
+    return pool[lo:hi]
+
+
 def make_next_line(files: list[tuple[str, str]], seed: int, num_docs: int) -> list[dict]:
-    """Docs of ``bitflow_next_line``: ``context`` (ends with a newline), ``choices`` (4 lines), ``label``."""
+    """Docs of ``bitflow_next_line``: ``context`` (ends with a newline), ``choices`` (4 lines), ``label``.
+
+    Distractors have about the gold line's length (0.8x..1.25x), so that neither the summed log-likelihood
+    (``acc``, which favours short options) nor the per-character one (``acc_norm``) can win on length alone.
+    """
     candidates = line_candidates(files)
-    pool = [
-        f"{f}\x1f{s}" for f, s in sorted({(c["id"].rsplit(":", 2)[0], c["line"].strip()) for c in candidates})
-    ]
+    pool = sorted(
+        {(len(c["line"].strip()), c["line"].strip(), c["id"].rsplit(":", 2)[0]) for c in candidates}
+    )
     docs = []
     for c in _select(candidates, seed, num_docs):
         file = c["id"].rsplit(":", 2)[0]
         indent = c["line"][: len(c["line"]) - len(c["line"].lstrip())]
         gold = c["line"].strip()
+        near = [f"{f}\x1f{text}" for _, text, f in _similar_length(pool, len(gold))]
         picked = _pick_distinct(
-            pool,
+            near,
             3,
             c["id"],
             seed,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bitflow.quant import functional as QF
-from bitflow.quant.bitlinear import BitLinear, _ActFakeQuantSTE, _compute_dtype
+from bitflow.quant.bitlinear import BitLinear
 from bitflow.quant.convert import _first_names, _patterns, _replace_modules, match_name
 
 __all__ = [
@@ -154,6 +154,7 @@ class _DQTWeight(nn.Module):
         self.register_buffer("codes", torch.zeros(shape, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device))
         self._slot = _LeafSlot()
+        self._float_dtype = torch.float32  # what .to(dtype)/.half()/.bfloat16() made the module's float tensors
 
     def options(self) -> dict[str, Any]:
         """The keyword options of this layer (they define the grid and the forward)."""
@@ -189,6 +190,9 @@ class _DQTWeight(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         # .to(bfloat16)/.half() would round the scale; it stays float32 (codes are integers and are never cast)
         old = self._buffers.get("scale")
+        probe = fn(torch.zeros((), dtype=self._float_dtype))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self._float_dtype = probe.dtype  # e.g. bfloat16 under Lightning's "bf16-true"
         out = super()._apply(fn, recurse)
         new = self._buffers.get("scale")
         if old is not None and new is not None and new.dtype != torch.float32:
@@ -215,13 +219,27 @@ class _DQTWeight(nn.Module):
         self._slot.leaf = None
 
 
-def _leaf_dtype(device_type: str) -> torch.dtype:
-    # bf16 autocast: the matmul runs in bf16 anyway and its weight gradient is a bf16 result, so a bf16 leaf
-    # loses nothing but halves the per-step copy. fp16 autocast keeps float32 leaves (GradScaler.unscale_ refuses
-    # fp16 gradients).
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
-        return torch.bfloat16
-    return torch.float32
+class _ActQuantSTE(torch.autograd.Function):
+    """Per-token absmax fake quantization of activations (BitNet), identity backward (STE); output in ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, x, bits, qmax, eps, dtype):  # type: ignore[override]
+        ctx.in_dtype = x.dtype
+        return QF.fake_quantize_activation(x, bits, qmax, eps).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def _leaf_dtype(device_type: str, float_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a DQT layer's weight leaf: bfloat16 under bf16 autocast (the matmul runs in bf16 anyway and
+    its weight gradient is a bf16 result, so a bf16 leaf loses nothing but halves the per-step copy), float32 under
+    fp16 autocast (``GradScaler.unscale_`` refuses fp16 gradients), else the module's float dtype (float32, or
+    bfloat16 for a model cast to bf16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.bfloat16 if torch.get_autocast_dtype(device_type) == torch.bfloat16 else torch.float32
+    return float_dtype
 
 
 class DQTLinear(_DQTWeight):
@@ -279,9 +297,10 @@ class DQTLinear(_DQTWeight):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = _leaf_dtype(x.device.type, self._float_dtype)
         if self.act_bits is not None:
-            x = _ActFakeQuantSTE.apply(x, None, self.act_bits, self.act_qmax, self.eps, _compute_dtype(x))
-        w = self._forward_weight(_leaf_dtype(x.device.type))
+            x = _ActQuantSTE.apply(x, self.act_bits, self.act_qmax, self.eps, dtype if x.is_floating_point() else x.dtype)
+        w = self._forward_weight(dtype)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
@@ -293,7 +312,8 @@ class DQTLinear(_DQTWeight):
 
 
 class DQTEmbedding(_DQTWeight):
-    """A token embedding trained by DQT: ``codes[idx] * scale``, returned as float32 like an fp32 nn.Embedding.
+    """A token embedding trained by DQT: ``codes[idx] * scale``, returned in the module's float dtype (float32
+    unless the model was cast), as an nn.Embedding returns its weight's dtype.
 
     Options as :class:`DQTLinear` (``act_bits``/``act_qmax`` do not apply to a lookup and are kept only so that a
     tied head and embedding share one option set).
@@ -331,8 +351,8 @@ class DQTEmbedding(_DQTWeight):
         return layer
 
     def forward(self, idx: Tensor) -> Tensor:
-        w = self._forward_weight(_leaf_dtype(idx.device.type))
-        return F.embedding(idx, w, self.padding_idx).float()
+        w = self._forward_weight(_leaf_dtype(idx.device.type, self._float_dtype))
+        return F.embedding(idx, w, self.padding_idx).to(self._float_dtype)
 
     def extra_repr(self) -> str:
         bits = "ternary" if self.bits is None else f"{self.bits}"

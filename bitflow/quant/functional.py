@@ -1,7 +1,10 @@
 """Quantizer maths as pure tensor functions.
 
-Every function here is free of host syncs (no ``.item()``, no Python branching on tensor values), so it traces
-under ``torch.compile(fullgraph=True)``. Python branching on *options* (strings, ints) and on shapes is fine.
+Every function here traces under ``torch.compile(fullgraph=True)`` without host syncs (no ``.item()``, no Python
+branching on tensor values); Python branching on *options* (strings, ints), shapes and dtypes is fine. The one
+exception is deliberate and eager-only: the strength blend used by BitLinear reads a strength that lives on the
+CPU (free: no device to sync with) to skip work at strength 0 and 1; on accelerators and under ``torch.compile``
+it stays a tensor operation.
 
 Formulas (eps = 1e-5 unless given):
 
@@ -86,15 +89,19 @@ def _check_grouping(w: Tensor, granularity: str, group_size: int | None) -> None
             f"granularity={granularity!r} needs a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}"
         )
     if granularity == "group":
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-            raise ValueError(
-                f"granularity='group' needs a positive int group_size, got group_size={group_size!r}"
-            )
-        if w.shape[1] % group_size != 0:
-            raise ValueError(
-                f"group_size={group_size} does not divide in_features={w.shape[1]}; "
-                "choose a group_size that divides the number of input features"
-            )
+        _check_group_size(group_size, w.shape[1])
+
+
+def _check_group_size(group_size: object, in_features: int) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(
+            f"granularity='group' needs a positive int group_size, got group_size={group_size!r}"
+        )
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features}; "
+            "choose a group_size that divides the number of input features"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,16 +151,27 @@ def absmedian(w: Tensor, granularity: str = "tensor", group_size: int | None = N
     return _finish_stat(_lower_median(a).float(), granularity)
 
 
+@torch.library.custom_op("bitflow::lower_median", mutates_args=())
+def _lower_median_numpy(a: Tensor) -> Tensor:
+    """Lower median over the last dim (keepdim) of a CPU float tensor via numpy's introselect.
+
+    ``torch.median`` on CPU is several times slower for weight-sized tensors; as a custom op this also stays one
+    opaque, fast call inside ``torch.compile``-d graphs.
+    """
+    k = (a.shape[-1] - 1) // 2  # 0-based index of the lower middle value in sorted order
+    part = np.partition(a.numpy(), k, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(part[..., k : k + 1]))
+
+
+@_lower_median_numpy.register_fake
+def _(a: Tensor) -> Tensor:
+    return a.new_empty((*a.shape[:-1], 1))
+
+
 def _lower_median(a: Tensor) -> Tensor:
-    """``a.median(dim=-1, keepdim=True).values``; on CPU in eager mode via numpy's introselect, ~10x faster."""
-    if (
-        a.device.type == "cpu"
-        and a.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
-    ):
-        k = (a.shape[-1] - 1) // 2  # 0-based index of the lower middle value in sorted order
-        part = np.partition(a.detach().numpy(), k, axis=-1)
-        return torch.from_numpy(np.ascontiguousarray(part[..., k : k + 1]))
+    """``a.median(dim=-1, keepdim=True).values`` (the lower middle value for an even count)."""
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and not a.requires_grad:
+        return _lower_median_numpy(a)
     return a.median(dim=-1, keepdim=True).values
 
 
@@ -277,7 +295,12 @@ def _cpu_strength(strength: Tensor | None) -> float | None:
 
 
 def _dequantize_blend(
-    start: Tensor, codes: Tensor, inv: Tensor, strength: Tensor | None, value: float | None, out_dtype: torch.dtype
+    start: Tensor,
+    codes: Tensor,
+    inv: Tensor,
+    strength: Tensor | None,
+    value: float | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """``start + strength (codes * inv - start)`` as ``out_dtype`` and ``start``'s shape (``codes`` may be a grouped
     view); ``value`` is :func:`_cpu_strength`'s read-out. ``codes`` is consumed (overwritten).

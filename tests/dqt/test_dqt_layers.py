@@ -182,3 +182,35 @@ def test_dqt_does_not_stack_on_bitlinear():
     to_bitlinear(model)
     with pytest.raises(ValueError, match="BitLinear"):
         to_dqt(model)
+
+
+def test_a_model_cast_to_bf16_runs_in_bf16_and_keeps_the_scale_float32():
+    model = tiny(tie=False)
+    to_dqt(model, embeddings=True)
+    model = model.to(torch.bfloat16)  # Lightning's "bf16-true"
+    assert model.tok_emb.scale.dtype == torch.float32 and model.tok_emb.codes.dtype == torch.int8
+    logits = model(torch.randint(0, 48, (2, 8)))
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(m._slot.leaf.dtype == torch.bfloat16 and m._slot.leaf.grad is not None for _, m in dqt_modules(model))
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_dqt_layers():
+    from bitflow.lm import param_groups
+    from bitflow.quant.dqt import build_adamw
+
+    model = tiny()
+    to_dqt(model)
+    opt = build_adamw(model, param_groups(model, 0.1), lr=1e-2, dqt={"seed": 0})
+    compiled = torch.compile(model)
+    x = torch.randint(0, 48, (2, 9))
+    before = model.layers[0].mlp.w1.codes.clone()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(compiled(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        assert all(m._slot.leaf.grad is not None for _, m in dqt_modules(model))
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(before, model.layers[0].mlp.w1.codes)

@@ -10,6 +10,8 @@ import torch
 
 from bitflow.callbacks.dqt import DirectQuantizedTraining, resolve_switch_step
 from bitflow.cli import build_callbacks, run_training
+from bitflow.lm import load_checkpoint
+from bitflow.quant.dqt import DQTLinear
 from tests.helpers import TINY, bitflow_env, compose, read_scalars
 
 CKPT_EVERY_6 = [
@@ -68,6 +70,12 @@ def test_reset_starts_fresh_dqt_moments(tiny_overrides: list[str], tmp_path: Pat
     assert codes.dtype == torch.int8 and -128 <= int(codes.min()) and int(codes.max()) <= 127
     # the replaced float weights left the optimizer: only embeddings and norms remain there
     assert sum(len(g["params"]) for g in state["param_groups"]) == 1 + 5
+    # a checkpoint alone rebuilds the DQT model (as `bitflow-eval` loads it)
+    lm = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    layer = lm.model.get_submodule("layers.0.mlp.w1")
+    assert isinstance(layer, DQTLinear) and layer.bits == 8 and torch.equal(layer.codes, codes)
+    with torch.no_grad():
+        assert torch.isfinite(lm(torch.randint(0, 320, (1, 8)))).all()
 
 
 @pytest.mark.parametrize(

@@ -65,3 +65,37 @@ def test_compiled_strength_zero_is_exactly_nn_linear():
     assert torch.equal(compiled(x), linear(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(compiled(x), linear(x))
+
+
+def test_compiled_model_with_shared_inputs_matches_eager():
+    # several BitLinear layers reading one tensor (the eager path memoizes its quantization; compiled code must not
+    # touch the memo: a traced side effect on it failed dynamo's guards)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q, k, v, o = BitLinear(8, 8), BitLinear(8, 8), BitLinear(8, 8), BitLinear(8, 2)
+    params = [p for m in (q, k, v, o) for p in m.parameters()]
+
+    def loss_fn(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.nn.functional.rms_norm(x, (8,))
+            return o(q(h) * torch.sigmoid(k(h)) + v(h)).float().square().sum()
+
+    x = torch.randn(2, 3, 8)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (
+        compiled,
+        compiled,
+        loss_fn,
+        loss_fn,
+        compiled,
+    ):  # eager runs in between change the memo's state
+        for p in params:
+            p.grad = None
+        fn(x).backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(grads[0], grads[2], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    for i, j in ((0, 1), (2, 3), (0, 4)):
+        for a, b in zip(grads[i], grads[j], strict=True):
+            assert torch.equal(a, b)

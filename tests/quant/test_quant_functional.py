@@ -34,6 +34,18 @@ def test_absmedian_is_lower_median_like_seed_authors():
     assert QF.absmedian(torch.tensor([[0.3, -0.05, 0.9]])).item() == pytest.approx(0.3)
 
 
+def test_absmedian_agrees_with_torch_median_semantics():
+    # the numpy-backed median must pick the same (lower) middle element as torch.median for every granularity
+    torch.manual_seed(0)
+    w = torch.randn(6, 8)
+    assert torch.equal(QF.absmedian(w), w.abs().flatten().median())
+    assert torch.equal(QF.absmedian(w, "channel"), w.abs().median(dim=1, keepdim=True).values)
+    assert torch.equal(QF.absmedian(w, "group", group_size=4), w.abs().reshape(6, 2, 4).median(dim=-1).values)
+    wt = torch.randn(8, 6).t()  # not contiguous
+    assert torch.equal(QF.absmedian(wt, "channel"), wt.abs().median(dim=1, keepdim=True).values)
+    assert QF.absmedian(w.bfloat16()).dtype == torch.float32
+
+
 def test_absmax_stat():
     assert QF.absmax(W).item() == pytest.approx(2.0)
     torch.testing.assert_close(QF.absmax(W, "channel"), torch.tensor([[1.0], [2.0]]))
