@@ -325,7 +325,7 @@ def write_table(
 
 # ---------------------------------------------------------------------------------------------------- plots
 def _label(run: Run, keys: list[str], width: int = 70) -> str:
-    """Legend text: the run's values of the swept overrides (short key names), else the run directory's name."""
+    """Legend text: the run's values of the swept overrides (short key names), else the run's directory."""
     parts = [f"{k.split('.')[-1]}={run.setting(k)}" for k in keys if run.setting(k) != ""]
     text = ", ".join(parts) or run.name
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -45,8 +45,9 @@ def _sweep(cfg) -> dict[str, list]:
     return {o.key_or_group: list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()] for o in parsed}
 
 
-def test_the_study_is_complete():
+def test_the_study_is_complete_and_runs_on_one_budget():
     assert set(STUDY) <= set(EXPERIMENTS)
+    assert {compose([f"+experiment={name}", "paths.output_dir=."]).trainer.max_steps for name in STUDY} == {350}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -12,9 +12,11 @@ stochastically. This callback
 * tells bitflow's ``LanguageModel.configure_optimizers`` to build a :class:`~bitflow.quant.dqt.DQTAdamW`
   (``pl_module.dqt_optimizer`` holds its DQT options);
 * averages DQT gradients over DDP ranks before gradient clipping (DDP reduces registered Parameters only);
-* logs, at the steps Lightning logs ``train/loss``: ``quant/flip_rate`` (share of codes the step changed),
-  ``dqt/level_share/<code>`` (share of weights at each grid level; for more than 16 levels only ``Qn``, 0 and ``Qp``)
-  and ``dqt/scale`` (mean dequantization step).
+* logs, at the steps Lightning logs ``train/loss``: ``quant/flip_rate`` (share of weight codes changed by one
+  optimizer step, averaged over the steps since the previous log; note that :class:`~bitflow.callbacks.QuantMonitor`
+  reports BitLinear's flip rate between its measurements, i.e. over ``log_every_n_steps`` steps: the two agree
+  when that is 1), ``dqt/level_share/<code>`` (share of weights at each grid level; for more than 16 levels only
+  ``Qn``, 0 and ``Qp``) and ``dqt/scale`` (mean dequantization step).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from bitflow.quant.dqt import (
     to_dqt,
 )
 
-__all__ = ["DirectQuantizedTraining", "dqt_metrics", "resolve_switch_step", "switch_to_dqt"]
+__all__ = ["DirectQuantizedTraining", "dqt_metrics", "resolve_switch_step", "step_flip_rate", "switch_to_dqt"]
 
 log = logging.getLogger(__name__)
 
@@ -109,26 +111,36 @@ def switch_to_dqt(
     return names
 
 
+def step_flip_rate(root: torch.nn.Module, flips: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Share of the weight codes one optimizer step changed (a 0-dim device tensor; no host sync), from the
+    per-layer counts ``flips`` (``DQTAdamW.last_flips``); ``None`` if no layer stepped."""
+    sizes = {name: m.codes.numel() for name, m in _unique_weights(root) if name in flips}
+    if not sizes:
+        return None
+    return sum(flips[name].float() for name in sizes) / sum(sizes.values())
+
+
 @torch.no_grad()
-def dqt_metrics(root: torch.nn.Module, flips: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """``quant/flip_rate`` (from ``flips``, codes changed per layer name, e.g. ``DQTAdamW.last_flips``),
-    ``dqt/level_share/<code>`` and ``dqt/scale`` of the DQT layers of ``root`` (one host transfer)."""
+def dqt_metrics(root: torch.nn.Module, flip_rate: torch.Tensor | None = None) -> dict[str, float]:
+    """``dqt/level_share/<code>`` and ``dqt/scale`` of the DQT layers of ``root``, plus ``quant/flip_rate`` when a
+    ``flip_rate`` tensor is given, in one host transfer. Level shares are element-weighted over all DQT weights;
+    for more than 16 levels only ``Qn``, 0 and ``Qp`` are reported."""
     weights = _unique_weights(root)
     if not weights:
         return {}
     qn, qp = weights[0][1].qn, weights[0][1].qp
     counts = sum(torch.bincount(m.codes.flatten().long() - qn, minlength=qp - qn + 1) for _, m in weights)
     numel = sum(m.codes.numel() for _, m in weights)
-    flipping = [(name, m) for name, m in weights if flips and name in flips]
-    flip_sum = sum((flips[name] for name, _ in flipping), torch.zeros((), device=counts.device))
     scale = torch.stack([m.scale.float() for _, m in weights]).mean()
     levels = list(range(qn, qp + 1)) if qp - qn < 16 else [qn, 0, qp]
-    row = torch.cat([counts[[c - qn for c in levels]].double(), flip_sum.double().reshape(1), scale.double().reshape(1)])
+    flip = flip_rate if flip_rate is not None else torch.full((), float("nan"), device=counts.device)
+    row = torch.cat([counts[[c - qn for c in levels]].double(), scale.double().reshape(1),
+                     flip.double().reshape(1).to(counts.device)])
     values = row.cpu().tolist()
     out = {f"dqt/level_share/{c}": v / numel for c, v in zip(levels, values)}
-    out["dqt/scale"] = values[-1]
-    if flipping:
-        out["quant/flip_rate"] = values[-2] / sum(m.codes.numel() for _, m in flipping)
+    out["dqt/scale"] = values[len(levels)]
+    if flip_rate is not None:
+        out["quant/flip_rate"] = values[-1]
     return out
 
 
@@ -193,6 +205,7 @@ class DirectQuantizedTraining(Callback):
         self.every_n_steps = every_n_steps
         self.switch_step: int | None = None
         self._step_at_start = -1
+        self._flips: tuple[torch.Tensor, int] | None = None  # (sum of per-step flip rates, steps) since the last log
 
     # ------------------------------------------------------------------------------------------ setup
     @staticmethod
@@ -272,10 +285,18 @@ class DirectQuantizedTraining(Callback):
         if trainer.global_step == step or not self._switched(pl_module) or not trainer.is_global_zero:
             return  # no optimizer step yet (accumulating), no DQT layers yet, or not the logging rank
         every = trainer.log_every_n_steps if self.every_n_steps is None else self.every_n_steps
-        if every <= 0 or (step + 1) % every != 0:
+        if every <= 0:
             return
+        root = model_root(pl_module)
         opt = _find_dqt_optimizer(trainer)
-        log_scalars(trainer, dqt_metrics(model_root(pl_module), opt.last_flips if opt else None), step)
+        rate = step_flip_rate(root, opt.last_flips) if opt is not None and opt.last_flips else None
+        if rate is not None:  # summed on the device; averaged over the steps of the logging interval
+            self._flips = (self._flips[0] + rate, self._flips[1] + 1) if self._flips else (rate, 1)
+        if (step + 1) % every != 0:
+            return
+        mean = self._flips[0] / self._flips[1] if self._flips else None
+        self._flips = None
+        log_scalars(trainer, dqt_metrics(root, mean), step)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -110,7 +110,7 @@ class BitflowLM(TemplateLM):
         tokenizer: the model's tokenizer (``tokenizers.Tokenizer`` or its JSON string); with ``model`` only.
         batch_size: sequences per forward pass; "auto" starts at 64 and halves on CUDA out-of-memory.
         max_batch_size: upper bound for "auto".
-        device: "cpu", "cuda", "cuda:1", ... (default: CUDA if available).
+        device: "cpu", "cuda", "cuda:1", ... (default: CUDA if available; a model in memory stays put).
         precision: "auto" (bf16 autocast on a GPU, float32 on the CPU), "32", "bf16" or "16".
         max_length: context length in tokens (default and maximum: the model's ``max_seq_len``).
         max_gen_toks: default number of tokens ``generate_until`` may produce.
@@ -139,8 +139,15 @@ class BitflowLM(TemplateLM):
             raise ValueError(
                 "give exactly one of ckpt=PATH (a bitflow checkpoint) or model=<module in memory>"
             )
-        self._device = resolve_device(device)
         self.ckpt_path = str(ckpt) if ckpt is not None else None
+        if model is not None:  # evaluated where it lives (it may be the model being trained)
+            here = next(model.parameters()).device
+            if device is not None and resolve_device(device) != here:
+                raise ValueError(
+                    f"the model in memory is on {here}, not {device}; move it or leave device unset"
+                )
+            device = here
+        self._device = resolve_device(device)
         if ckpt is not None:
             from bitflow.lm import load_checkpoint
 

@@ -216,7 +216,10 @@ class _DQTWeight(nn.Module):
 
     def release(self) -> None:
         """Drop the float leaf (and its gradient) without an optimizer step, e.g. after a gradient-only pass."""
-        self._slot.leaf = None
+        slot = self._slot
+        if slot.leaf is not None and slot.sink is not None:
+            slot.sink[:] = [t for t in slot.sink if t is not slot.leaf]
+        slot.leaf = None
 
 
 class _ActQuantSTE(torch.autograd.Function):

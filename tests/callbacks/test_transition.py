@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from bitflow.data import StdlibSource, TokenDataModule
 from bitflow.lm import LanguageModel, load_checkpoint
 from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.quant import BitLinear, to_bitlinear
-from tests.helpers import compose, read_scalars
+from tests.helpers import TINY, bitflow_env, compose, read_scalars
 
 TINY_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
 # every nn.Linear of the tiny Llama but the (tied) LM head
@@ -353,10 +354,6 @@ def test_resume_at_any_point_matches_the_uninterrupted_run(tiny_overrides: list[
 # ------------------------------------------------------------------------------------------------ DDP, compile
 @pytest.mark.slow
 def test_ddp_switches_every_rank_at_the_same_step(tmp_path: Path, cache_dir: Path):
-    import subprocess
-
-    from conftest import TINY, bitflow_env
-
     overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
     proc = subprocess.run(
         ["bitflow", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",

@@ -49,7 +49,7 @@ def layer_with_grad(codes: list[list[int]], scale: float, grad: list[list[float]
     return layer
 
 
-@pytest.mark.parametrize("bits", [None, 2, 4, 8])
+@pytest.mark.parametrize("bits", [None, 3, 8])
 def test_every_weight_is_on_the_grid_after_every_step(bits):
     model = tiny()
     to_dqt(model, bits=bits)
@@ -58,7 +58,7 @@ def test_every_weight_is_on_the_grid_after_every_step(bits):
     qn, qp = (-1, 1) if bits is None else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     before = {name: m.codes.clone() for name, m in dqt_modules(model)}
     x = torch.randint(0, 48, (4, 12))
-    for _ in range(3):
+    for _ in range(2):
         train_step(model, opt, x, clip=1.0)
         for name, m in dqt_modules(model):
             assert m.codes.dtype == torch.int8 and m.scale.dtype == torch.float32

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitflow.callbacks.dqt import DirectQuantizedTraining, resolve_switch_step
+from bitflow.callbacks.dqt import DirectQuantizedTraining, dqt_metrics, resolve_switch_step, step_flip_rate
 from bitflow.cli import build_callbacks, run_training
 from bitflow.lm import load_checkpoint
-from bitflow.quant.dqt import DQTLinear
+from bitflow.quant.dqt import DQTLinear, to_dqt
 from tests.helpers import TINY, bitflow_env, compose, read_scalars
 
 CKPT_EVERY_6 = [
@@ -62,10 +62,10 @@ def test_switch_to_dqt_mid_run_and_resume_gives_the_same_weights(tiny_overrides:
 
 def test_reset_starts_fresh_dqt_moments(tiny_overrides: list[str], tmp_path: Path):
     run_training(compose([*tiny_overrides, "+dqt=int8", "dqt.at=0.5", "dqt.optimizer_state=reset",
-                          "trainer.max_steps=6", "trainer.val_check_interval=3"]))
+                          "trainer.max_steps=4", "trainer.val_check_interval=4"]))
     ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     state = ckpt["optimizer_states"][0]
-    assert {float(s["step"]) for s in state["dqt"]["state"].values()} == {3.0}  # steps 3, 4, 5 only
+    assert {float(s["step"]) for s in state["dqt"]["state"].values()} == {2.0}  # steps 2 and 3 only
     codes = ckpt["state_dict"]["model.layers.0.mlp.w1.codes"]
     assert codes.dtype == torch.int8 and -128 <= int(codes.min()) and int(codes.max()) <= 127
     # the replaced float weights left the optimizer: only embeddings and norms remain there
@@ -93,6 +93,22 @@ def test_reset_starts_fresh_dqt_moments(tiny_overrides: list[str], tmp_path: Pat
 def test_bad_dqt_options_fail_when_the_callback_is_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DirectQuantizedTraining(**kwargs)
+
+
+def test_logged_statistics_by_hand():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(6, 1))
+    assert to_dqt(model) == ["0", "1"]
+    model[0].codes.copy_(torch.tensor([[1, 0], [-1, 0]]))
+    model[1].codes.copy_(torch.tensor([[1, 1, 1, 0, 0, -1]]))
+    model[0].scale.fill_(0.5)
+    model[1].scale.fill_(1.5)
+    # 10 weights: two at -1, four at 0, four at 1; one flip in layer 0 and three in layer 1: 4 / 10
+    rate = step_flip_rate(model, {"0": torch.tensor(1), "1": torch.tensor(3)})
+    assert float(rate) == pytest.approx(0.4)
+    metrics = dqt_metrics(model, rate)
+    assert metrics == pytest.approx({"dqt/level_share/-1": 0.2, "dqt/level_share/0": 0.4, "dqt/level_share/1": 0.4,
+                                     "dqt/scale": 1.0, "quant/flip_rate": 0.4})
+    assert "quant/flip_rate" not in dqt_metrics(model)
 
 
 def test_switch_step_resolution():

@@ -1,9 +1,8 @@
 """Shared pieces of the evaluation tests: a tiny byte-level BPE, a tiny Llama LanguageModel, and its
 checkpoint.
 
-Test modules load it as a plugin (``pytest_plugins = ["tests.eval.evalkit"]``) for the fixtures ``tiny_tokenizer``,
-``tiny_lm`` and ``tiny_run_checkpoint``. It is not a conftest.py because tests/conftest.py is imported by name
-(``from conftest import ...``) and a second conftest.py would shadow it.
+Test modules load it as a plugin (``pytest_plugins = ["tests.eval.evalkit"]``) for the fixtures
+``tiny_tokenizer``, ``tiny_lm`` and ``tiny_run_checkpoint``, and import ``make_lm`` and ``save_checkpoint``.
 """
 
 from __future__ import annotations

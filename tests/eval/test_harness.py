@@ -3,6 +3,8 @@ rolling windows, greedy generation, checkpoints (16-bit and ternary), lm-eval's 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lm_eval
@@ -234,3 +236,18 @@ def test_bad_model_args_are_clear_errors(tiny_lm, tiny_tokenizer, tiny_run_check
         BitflowLM(model=tiny_lm, tokenizer=tiny_tokenizer, max_length=CONTEXT + 1)
     with pytest.raises(ValueError, match="precision"):
         BitflowLM(model=tiny_lm, tokenizer=tiny_tokenizer, precision="8")
+
+
+def test_importing_bitflow_eval_registers_the_model_lazily():
+    # a fresh interpreter, as a .pth line `import bitflow.eval` starts it: lm-eval is not imported yet, and
+    # `bitflow` appears in its registry next to the built-in models once lm-eval loads
+    code = (
+        "import sys, bitflow.eval\n"
+        "assert 'lm_eval' not in sys.modules\n"
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "assert 'hf' in model_registry and 'dummy' in model_registry\n"
+        "print(get_model('bitflow').__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "BitflowLM"
