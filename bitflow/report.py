@@ -338,11 +338,16 @@ def plot_val_loss(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     drawn = [r for r in runs if r.series("val/loss")]
     if not drawn:
         return None
+    # name the precision of runs that never switch or start ternary, when the runs differ in that
+    mixed = len({r.switch_step if r.switch_step in (None, 0) else "t0" for r in drawn}) > 1
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(drawn):
         steps, values = zip(*run.series("val/loss"), strict=True)
         color = f"C{i % 10}"
-        ax.plot(steps, values, marker="o", markersize=3, color=color, label=_label(run, keys))
+        label = _label(run, keys)
+        if mixed and run.switch_step in (None, 0):
+            label += " (16-bit)" if run.switch_step is None else " (1.58-bit from the start)"
+        ax.plot(steps, values, marker="o", markersize=3, color=color, label=label)
         t0 = run.switch_step
         if t0 is not None and t0 > 0:
             ax.axvline(t0, color=color, linestyle="--", alpha=0.6, linewidth=1)

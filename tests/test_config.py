@@ -25,7 +25,7 @@ REQUIRED = {
 
 
 # groups outside train.yaml's defaults list are added with `+group=option`
-IN_DEFAULTS = {next(iter(d)) for d in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(d, dict)}
+IN_DEFAULTS = {next(iter(d)) for d in OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml").defaults) if isinstance(d, dict)}
 
 
 def options(group: str) -> list[str]:
