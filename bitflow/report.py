@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -56,14 +57,14 @@ class Run:
         return self.path.name
 
     def setting(self, key: str) -> str:
-        """The run's value of an override key: from its command line, else from its config (a sweep over one
-        setting shows the others' values too), else ""."""
-        if key in self.overrides:
-            return self.overrides[key]
-        value = _get(self.config, key)
-        if value is None or isinstance(value, (dict, list)):
-            return "null" if value is None and _has(self.config, key) else ""
-        return str(value)
+        """The run's value of a setting: from its config (resolved; a sweep over one setting shows the others'
+        values too), else from its command line, else "". A config group (a dict) has no single value: ""."""
+        if _has(self.config, key):
+            value = _get(self.config, key)
+            if isinstance(value, (dict, list)):
+                return ""
+            return "null" if value is None else str(value)
+        return self.overrides.get(key, "")
 
     def series(self, tag: str) -> list[tuple[int, float]]:
         return self.scalars.get(tag, [])
@@ -165,12 +166,34 @@ def read_scalars(tb_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], floa
     return scalars, (max(times) - min(times)) if times else None
 
 
+def _resolved(node: Any) -> Any:
+    """A plain container of an OmegaConf node with every interpolation resolved where possible; one that needs
+    Hydra's runtime (``${hydra:runtime.output_dir}``) stays as written."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return node
+    raw = OmegaConf.to_container(node, resolve=False)
+    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+    out = {} if isinstance(node, DictConfig) else []
+    for key in keys:
+        try:
+            value = _resolved(node[key])
+        except Exception:  # omegaconf's resolution errors: keep the interpolation text
+            value = raw[key]
+        if isinstance(out, dict):
+            out[str(key)] = value
+        else:
+            out.append(value)
+    return out
+
+
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return _resolved(OmegaConf.load(path))
 
 
 def read_run(path: Path) -> Run:
@@ -195,17 +218,52 @@ def read_run(path: Path) -> Run:
 
 
 # ------------------------------------------------------------------------------------------- the table
+IGNORED_CONFIG_PREFIXES = (
+    "paths.",
+    "hydra.",
+    "logger.",
+    "callbacks.model_checkpoint.",
+    "task_name",
+    "trainer.enable_progress_bar",
+)
+
+
+def _leaves(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every non-dict value in a nested config."""
+    if not isinstance(cfg, dict):
+        return [prefix] if prefix else []
+    return [k for key, value in cfg.items() for k in _leaves(value, f"{prefix}{key}.")] if cfg else []
+
+
 def differing_overrides(runs: list[Run]) -> list[str]:
-    """Override keys whose values are not the same in every run (all of them when there is one run)."""
+    """The swept settings: override keys whose value (command line, else config) is not the same in every run,
+    in command-line order (all override keys when there is one run). Config group choices
+    (``transition=default``, ``+experiment=x``) are left out: the settings they bring show instead."""
     keys = sorted(
         {k for r in runs for k in r.overrides if not k.startswith(IGNORED_OVERRIDE_PREFIXES)},
         key=lambda k: min(list(r.overrides).index(k) for r in runs if k in r.overrides),
     )
-    # a config group choice (`transition=default`) is shown through the settings it brings (transition.*)
-    keys = [k for k in keys if not any(isinstance(_get(r.config, k), dict) for r in runs)]
+    keys = [k for k in keys if any(_has(r.config, k) and r.setting(k) != "" for r in runs)]
     if len(runs) == 1:
         return keys
     return [k for k in keys if len({r.setting(k) for r in runs}) > 1]
+
+
+def differing_settings(runs: list[Run]) -> list[str]:
+    """Every setting that differs between the runs: the swept overrides first, then any other config value
+    that differs (e.g. one an experiment file sets), so runs of different sweeps compare fairly."""
+    keys = differing_overrides(runs)
+    if len(runs) == 1:
+        return keys
+    leaves = dict.fromkeys(k[:-1] for r in runs for k in _leaves(r.config))
+    extra = [
+        k
+        for k in leaves
+        if k not in keys
+        and not k.startswith(IGNORED_CONFIG_PREFIXES)
+        and len({r.setting(k) for r in runs}) > 1
+    ]
+    return keys + extra
 
 
 def _ppl(loss: float | None) -> float | None:
@@ -308,7 +366,8 @@ def write_table(
         "| " + " | ".join(c.replace("|", "/") for c in shown) + " |",
         "|" + "|".join("---" for _ in shown) + "|",
     ]
-    common = str(Path(*Path(rows[0]["run"]).parts[:-1])) if len(rows) > 1 else None
+    # runs are named by their path below the directory all of them share (0, 1, ... for a multirun)
+    common = os.path.commonpath([row["run"] for row in rows]) if len(rows) > 1 else None
     for row in rows:
         cells = []
         for c in shown:
@@ -403,38 +462,49 @@ def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | No
 
 
 def plot_spike(runs: list[Run], path: Path) -> Path | None:
-    """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars):
-    the mean over runs with that pair, each run as a dot."""
+    """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars): the
+    mean over runs with that pair, each run as a dot; one panel per switch step, so only like is compared."""
     import matplotlib.pyplot as plt
 
-    cells: dict[tuple[str, str], list[float]] = {}
+    cells: dict[tuple[int, str, str], list[float]] = {}
     for r in runs:
         spike = r.last("transition/spike")
         if spike is None:
             continue
         phase = str(_get(r.config, "transition.phase_in") or "none")
         state = str(_get(r.config, "transition.optimizer_state") or "keep")
-        cells.setdefault((phase, state), []).append(spike)
+        cells.setdefault((r.switch_step or 0, phase, state), []).append(spike)
     if not cells:
         return None
-    phases = sorted({p for p, _ in cells})
-    states = sorted({s for _, s in cells})
+    switches = sorted({t0 for t0, _, _ in cells})
+    phases = sorted({p for _, p, _ in cells})
+    states = sorted({s for _, _, s in cells})
     width = 0.8 / len(states)
-    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(phases) + 2), 4.5))
-    for j, state in enumerate(states):
-        xs = [i + (j - (len(states) - 1) / 2) * width for i in range(len(phases))]
-        means = [statistics.mean(cells[(p, state)]) if (p, state) in cells else 0.0 for p in phases]
-        ax.bar(xs, means, width=width, color=f"C{j}", alpha=0.8, label=f"optimizer state: {state}")
-        for x, p in zip(xs, phases, strict=True):
-            for v in cells.get((p, state), []):
-                ax.plot(x, v, "k.", markersize=4)
-    ax.set_xticks(range(len(phases)), phases)
-    ax.set_xlabel("phase-in schedule of the quantization strength")
-    ax.set_ylabel("loss spike at the switch (nats/token)")
-    ax.set_title("Loss spike at the 16-bit -> 1.58-bit switch")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(
+        1,
+        len(switches),
+        figsize=(max(5.0, 1.6 * len(phases) + 2) * min(len(switches), 3) ** 0.7, 4.5),
+        sharey=True,
+        squeeze=False,
+    )
+    for ax, t0 in zip(axes[0], switches, strict=True):
+        for j, state in enumerate(states):
+            xs = [i + (j - (len(states) - 1) / 2) * width for i in range(len(phases))]
+            means = [statistics.mean(cells.get((t0, p, state), [math.nan])) for p in phases]
+            label = f"optimizer state: {state}" if t0 == switches[0] else None
+            ax.bar(xs, means, width=width, color=f"C{j}", alpha=0.8, label=label)
+            for x, p in zip(xs, phases, strict=True):
+                for v in cells.get((t0, p, state), []):
+                    ax.plot(x, v, "k.", markersize=4)
+        ax.set_xticks(range(len(phases)), phases)
+        ax.set_xlabel("phase-in schedule of the quantization strength")
+        pct = {r.switch_step: r.max_steps for r in runs if r.max_steps}.get(t0)
+        ax.set_title(f"switch at step {t0}" + (f" ({100 * t0 / pct:.0f}%)" if pct else ""), fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("loss spike at the switch (nats/token)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Loss spike at the 16-bit -> 1.58-bit switch")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -451,9 +521,10 @@ def make_report(paths: list[str | Path], out: str | Path | None = None) -> dict[
     runs = [read_run(p) for p in find_runs(list(paths))]
     out = Path(out) if out is not None else (Path(paths[0]) if len(paths) == 1 else Path("report"))
     out.mkdir(parents=True, exist_ok=True)
-    keys = differing_overrides(runs)
+    keys = differing_settings(runs)
     rows = [run_row(r, keys) for r in runs]
-    swept = keys if len(runs) > 1 else []  # a single run's legend is its name, not all its overrides
+    # legends name the swept overrides; a single run's legend is its name, not all its overrides
+    swept = differing_overrides(runs) if len(runs) > 1 else []
     plots = [
         p
         for p in (
