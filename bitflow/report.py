@@ -7,8 +7,8 @@ A run is a directory with ``tb/`` (TensorBoard event files) and, from Hydra, ``.
 ``.hydra/config.yaml``; a directory that is not a run is searched for runs below it. Per run, the report
 reads:
 
-- the command-line overrides, and shows those whose value (from the command line, else the config) differs
-  between the runs: the swept settings;
+- the settings that differ between the runs: the swept command-line overrides first (each run's value from
+  its resolved config), then any other config value that differs (e.g. one an experiment file sets);
 - ``val/loss``: final and best, and their perplexities exp(loss);
 - the switch step of a precision transition: the config's ``transition.at`` resolved against
   ``trainer.max_steps`` (an int is a step, a float in (0, 1) a fraction, 0 = ternary from the start, null =
@@ -20,7 +20,7 @@ reads:
 
 It writes ``report.md``, ``report.csv`` and PNG plots: validation loss against step with each run's switch
 marked; final validation loss against the switch point, with the 16-bit and the 1.58-bit-from-scratch
-baselines; the loss spike at the switch by phase-in schedule and optimizer state.
+baselines; the loss spike at the switch by phase-in schedule and optimizer state (one panel per switch step).
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def write_table(
     lines = [
         "# bitflow report",
         "",
-        f"{len(rows)} run(s). Overrides shown: those that differ between the runs. Losses in nats/token, "
+        f"{len(rows)} run(s). Settings shown: those that differ between the runs. Losses in nats/token, "
         "ppl = exp(loss); tokens/s is the median over training; wall time from the first to the last "
         "training event. Full table: report.csv.",
         "",
@@ -462,8 +462,8 @@ def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | No
 
 
 def plot_spike(runs: list[Run], path: Path) -> Path | None:
-    """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars): the
-    mean over runs with that pair, each run as a dot; one panel per switch step, so only like is compared."""
+    """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars):
+    the mean over runs with that pair, each run as a dot; one panel per switch step, so like meets like."""
     import matplotlib.pyplot as plt
 
     cells: dict[tuple[int, str, str], list[float]] = {}

@@ -41,6 +41,7 @@ def _write_run(
         "at": at,
         "phase_in": phase_in,
         "optimizer_state": state,
+        "phase_in_steps": 60 if phase_in == "tanh" else 0,
     }
     config = {"trainer": {"max_steps": MAX_STEPS}, "transition": transition if lam_from is None else {}}
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
@@ -82,6 +83,8 @@ def test_report_has_one_row_per_run_with_the_swept_settings(sweep: Path):
         and "hydra.sweep.dir" not in rows["0"]
     )
     assert [rows[k]["switch_step"] for k in rows] == [None, 0, 50, 50, 20]
+    # a config value that differs without being on the command line is shown too
+    assert [rows[k]["transition.phase_in_steps"] for k in rows] == ["0", "0", "0", "60", ""]
     assert rows["2"]["final_val_loss"] == pytest.approx(2.3) and rows["2"]["best_val_loss"] == pytest.approx(
         2.3
     )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The continual-QAT study at CPU scale (see experiments/continual_qat/README.md).
+# The continual-QAT study at CPU scale (experiments/continual_qat/README.md): 9 runs of ~5 minutes on 2 CPU cores.
+#   bash experiments/continual_qat/run.sh            # runs into multirun/continual_qat/{when,how}, then reports
 set -euo pipefail
-OUT=${OUT:-/tmp/cqat}
+OUT=${OUT:-multirun/continual_qat}
 COMMON=(model.d_model=96 model.n_layers=2 model.n_heads=4 model.d_ff=256 model.max_seq_len=128
         data.seq_len=128 data.batch_size=8 data.val_windows=32
         trainer.max_steps=300 trainer.val_check_interval=50 trainer.precision=32-true trainer.enable_progress_bar=false
@@ -11,3 +12,4 @@ COMMON=(model.d_model=96 model.n_layers=2 model.n_heads=4 model.d_ff=256 model.m
 bitflow -m transition=default transition.at=null,0,0.2,0.5,0.8 "${COMMON[@]}" hydra.sweep.dir="$OUT/when"
 # how to switch at 50%: optimizer state keep/reset x phase-in none/tanh (conf/experiment/transition_50pct.yaml)
 bitflow -m +experiment=transition_50pct "${COMMON[@]}" hydra.sweep.dir="$OUT/how"
+bitflow-report "$OUT/when" "$OUT/how" --out "$(dirname "$0")"
