@@ -415,6 +415,13 @@ def plot_val_loss(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     ax.set_title("Validation loss (dashed: each run's 16-bit -> 1.58-bit switch)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write as a 120-dpi PNG and close a figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -455,10 +462,7 @@ def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | No
     ax.set_xlim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_spike(runs: list[Run], path: Path) -> Path | None:
@@ -505,10 +509,7 @@ def plot_spike(runs: list[Run], path: Path) -> Path | None:
     axes[0][0].set_ylabel("loss spike at the switch (nats/token)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Loss spike at the 16-bit -> 1.58-bit switch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------- entry point
