@@ -106,3 +106,46 @@ def phase_in(name: str, step: int, start: int, steps: int) -> float:
         lo, hi = 1 / (1 + math.exp(5.0)), 1 / (1 + math.exp(-5.0))
         return (1 / (1 + math.exp(-10.0 * (u - 0.5))) - lo) / (hi - lo)
     return (1.0 - math.exp(-5.0 * u)) / (1.0 - math.exp(-5.0))
+
+
+AT_HELP = (
+    "allowed: an int step >= 0 (0 = quantized from the first step), a float fraction of trainer.max_steps in "
+    "(0, 1), or null (never switch)"
+)
+
+
+def resolve_switch_step(at: int | float | None, max_steps: int | None, key: str = "transition.at") -> int | None:
+    """The switch step t0 of a precision transition from its config value ``at`` (the one resolver that the
+    :class:`~bitflow.callbacks.PrecisionTransition` callback and ``bitflow-report`` share).
+
+    ``None`` = never; ``0`` (or ``0.0``) = from the first step; an int = that step, which must be < ``max_steps``;
+    a float in (0, 1) = ``round(at * max_steps)``, which must fall inside the run (1 .. max_steps - 1).
+    ``max_steps`` may be None (or <= 0) when unknown: then only the type and range of ``at`` are checked and a
+    fraction resolves to None. Raises ``ValueError`` naming ``key``, the value and what is allowed.
+    """
+    if at is None:
+        return None
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        raise ValueError(f"{key}={at!r} is not allowed; {AT_HELP}")
+    known = max_steps is not None and max_steps > 0
+    if isinstance(at, float) and at != 0.0:
+        if not 0.0 < at < 1.0:
+            raise ValueError(f"{key}={at!r} is outside (0, 1); {AT_HELP}")
+        if not known:
+            return None
+        step = round(at * max_steps)
+        if not 0 < step < max_steps:
+            raise ValueError(
+                f"{key}={at} of trainer.max_steps={max_steps} is step {step}, which is not inside the run "
+                f"(1..{max_steps - 1}); use {key}=0 to quantize from the first step, or a larger trainer.max_steps"
+            )
+        return step
+    step = int(at)
+    if step < 0:
+        raise ValueError(f"{key}={at!r} is negative; {AT_HELP}")
+    if known and step >= max_steps:
+        raise ValueError(
+            f"{key}={at} is past the end of training (trainer.max_steps={max_steps}); the switch step must be "
+            f"< trainer.max_steps"
+        )
+    return step

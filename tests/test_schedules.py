@@ -67,3 +67,24 @@ def test_unknown_names_are_rejected():
         LRSchedule("step", total_steps=10)
     with pytest.raises(ValueError, match="warmup_steps=20"):
         LRSchedule("cosine", total_steps=10, warmup_steps=20)
+
+
+def test_resolve_switch_step_values_and_errors():
+    from bitflow.schedules import resolve_switch_step
+
+    assert resolve_switch_step(None, 100) is None
+    assert resolve_switch_step(0, 100) == 0 and resolve_switch_step(0.0, 100) == 0
+    assert resolve_switch_step(0.5, 350) == 175  # round(0.5 * 350)
+    assert resolve_switch_step(0.2, 12) == 2  # round(2.4)
+    assert resolve_switch_step(40, 100) == 40
+    assert resolve_switch_step(0.5, None) is None  # a fraction with an unknown run length
+    with pytest.raises(ValueError, match=r"transition\.at=0\.001 of trainer\.max_steps=100 is step 0"):
+        resolve_switch_step(0.001, 100)
+    with pytest.raises(ValueError, match=r"transition\.at=100 is past the end"):
+        resolve_switch_step(100, 100)
+    with pytest.raises(ValueError, match=r"transition\.at=1\.5 is outside \(0, 1\)"):
+        resolve_switch_step(1.5, 100)
+    with pytest.raises(ValueError, match=r"transition\.at=-1 is negative"):
+        resolve_switch_step(-1, 100)
+    with pytest.raises(ValueError, match=r"transition\.at='half' is not allowed"):
+        resolve_switch_step("half", 100)
