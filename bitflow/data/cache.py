@@ -9,12 +9,10 @@ crash never leaves a half-written cache behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from tokenizers import Tokenizer
 
 from bitflow.data.sources import Source, check_split, stable_hash
 from bitflow.data.tokenizer import eos_id
+from bitflow.io import atomic_output
 
 CACHE_FORMAT = 1
 
@@ -44,22 +43,6 @@ class TokenCache:
     def load(self) -> np.ndarray:
         """The tokens as a read-only memory map (an empty array when there are none)."""
         return load_tokens(self.path, self.dtype, self.num_tokens)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path`` (atomic on POSIX), on error
-    delete it. Readers therefore see either no file or a complete one, even with several ranks writing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

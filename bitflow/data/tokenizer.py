@@ -101,7 +101,7 @@ def build_tokenizer(
     if path.is_file():
         return Tokenizer.from_file(str(path)), True
     # imported here because cache.py imports this module
-    from bitflow.data.cache import atomic_output
+    from bitflow.io import atomic_output
 
     tok = train_tokenizer(source.documents("train"), vocab_size)
     with atomic_output(path) as tmp:
