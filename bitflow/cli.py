@@ -19,6 +19,19 @@ log = logging.getLogger("bitflow")
 CONFIG_DIR = str(files("bitflow.conf"))
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """``argv`` with ``-m``/``--multirun`` moved to the front, so it may stand anywhere among the overrides.
+
+    Hydra's argparse parser takes the overrides as one positional list: ``bitflow +experiment=x -m seed=1,2`` would
+    fail with "unrecognized arguments". Every Hydra entry point of bitflow calls this on ``sys.argv[1:]``.
+    """
+    flags = [a for a in argv if a in MULTIRUN_FLAGS]
+    return flags[:1] + [a for a in argv if a not in MULTIRUN_FLAGS]
+
+
 def _container(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
@@ -99,7 +112,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def train(cfg: DictConfig) -> float | None:
+def _train(cfg: DictConfig) -> float | None:
     """``bitflow``: train a model. Returns the final val/loss (for Hydra sweepers that optimise it)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import lightning  # noqa: F401  (it installs its own console handlers on import; undo them below)
@@ -109,6 +122,14 @@ def train(cfg: DictConfig) -> float | None:
         logging.getLogger(name).propagate = True
     metrics = run_training(cfg)
     return metrics.get("val/loss")
+
+
+def train() -> None:
+    """The ``bitflow`` console script: Hydra's app over conf/train.yaml, with ``-m`` allowed anywhere."""
+    import sys
+
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
+    _train()
 
 
 if __name__ == "__main__":
