@@ -1,14 +1,77 @@
-"""Atomic checkpoint writes: a crash mid-save never leaves a truncated ``last.ckpt`` behind."""
+"""bitflow's checkpoint format and file IO, in one place.
+
+A bitflow checkpoint is a Lightning checkpoint with one more section, ``checkpoint["bitflow"]``::
+
+    {"version": 1,
+     "model_config": {...},     # LlamaConfig fields: rebuilds the architecture
+     "tokenizer": "...",        # the tokenizer's JSON: the checkpoint is self-contained
+     "quant": {...} | None,     # the quantization recipe's state (bitflow.quant.recipe), None for 16-bit
+     "tokens_seen": int}
+
+``LanguageModel.on_save_checkpoint`` writes the section and ``on_load_checkpoint`` checks and applies it;
+:func:`read_checkpoint` reads a file with clear errors, :func:`load_checkpoint` rebuilds the model for evaluation,
+and :class:`AtomicCheckpointIO` writes every checkpoint atomically.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from bitflow.io import atomic_output
+
+if TYPE_CHECKING:
+    from bitflow.lm import LanguageModel
+
+__all__ = [
+    "CHECKPOINT_KEY", "FORMAT_VERSION", "AtomicCheckpointIO", "atomic_torch_save", "check_same_model",
+    "load_checkpoint", "read_checkpoint",
+]
+
+CHECKPOINT_KEY = "bitflow"
+FORMAT_VERSION = 1
+
+
+def check_same_model(config: dict[str, Any], checkpoint_config: dict[str, Any]) -> None:
+    """Raise a ValueError naming every field where a checkpoint's model config differs from ``config``."""
+    diff = {k: (checkpoint_config.get(k), v) for k, v in config.items() if checkpoint_config.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the checkpoint is from another model ({details})")
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a bitflow checkpoint file as a dict, with clear errors for a missing or foreign file.
+
+    ``mmap=True`` maps tensors lazily from disk: cheap when only the ``bitflow`` section is needed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # pickle errors, truncated files, text files...
+        raise ValueError(f"{path} is not a bitflow checkpoint (torch.load failed: {e})") from e
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a bitflow checkpoint (no '{CHECKPOINT_KEY}' section)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
+    """Rebuild the LanguageModel from a checkpoint: config, weights, tokenizer and quantization state (also for
+    checkpoints written before the quantization recipes existed)."""
+    from bitflow.lm import LanguageModel, recipe_config_of  # the model class; bitflow.lm imports this module
+
+    ckpt = read_checkpoint(path)
+    hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in ("optimizer", "scheduler")}
+    lm = LanguageModel(model=ckpt[CHECKPOINT_KEY]["model_config"], quant=recipe_config_of(ckpt), **hp)
+    lm.on_load_checkpoint(ckpt)
+    lm.load_state_dict(ckpt["state_dict"])
+    return lm.to(map_location).eval()
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -18,7 +81,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes every checkpoint atomically (local filesystems)."""
+    """Lightning checkpoint IO that writes every checkpoint atomically (local filesystems): a failed write leaves
+    the previous file (e.g. ``last.ckpt``) intact."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:

@@ -69,10 +69,14 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
-    """Every callback config under ``callbacks`` (a dict of ``_target_`` entries), plus the transition."""
+    """Every callback config under ``callbacks`` (a dict of ``_target_`` entries), plus the precision transition
+    that applies the ``quant`` recipe (from the first step, or at ``transition.at``)."""
+    from bitflow.callbacks import build_transition
+
     out = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    if cfg.get("transition") and "_target_" in cfg.transition:
-        out.append(instantiate(cfg.transition, _convert_="all"))
+    transition = build_transition(cfg)
+    if transition is not None:
+        out.append(transition)
     return out
 
 
@@ -84,6 +88,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     from bitflow.lm import LanguageModel
 
     check_config(cfg)
+    from bitflow.callbacks import build_transition
+
+    build_transition(cfg)  # quant (what) and transition (when) are checked before the data is prepared
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
@@ -93,6 +100,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         scheduler=_container(cfg.scheduler),
         compile=cfg.get("compile", False),
         tokenizer_json=datamodule.tokenizer_json,
+        quant=_container(cfg.get("quant")),
     )
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint

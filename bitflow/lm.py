@@ -1,10 +1,15 @@
-"""The LightningModule: next-token cross-entropy, AdamW groups, LR schedule, metrics, checkpoint contents."""
+"""The LightningModule: next-token cross-entropy, AdamW groups, LR schedule, metrics, the quantization recipe.
+
+The module owns its quantization recipe (``quant`` config group, :mod:`bitflow.quant.recipes`): the recipe builds
+the optimizer, runs its hook before each optimizer step and writes/restores the quantization state in
+checkpoints. *When* the recipe converts the model is decided by :class:`~bitflow.callbacks.PrecisionTransition`.
+The checkpoint format and file IO live in :mod:`bitflow.checkpoint`.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -12,11 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitflow.checkpoint import (  # load_checkpoint, read_checkpoint: re-exported, their home is bitflow.checkpoint
+    CHECKPOINT_KEY,
+    FORMAT_VERSION,
+    check_same_model,
+    load_checkpoint,
+    read_checkpoint,
+)
 from bitflow.models.llama import Llama, LlamaConfig
+from bitflow.quant.recipe import QuantRecipe, adamw, unwrap_optimizer
+from bitflow.quant.recipes import recipe_for_state, recipe_from_config
 from bitflow.schedules import LRSchedule
 
-CHECKPOINT_KEY = "bitflow"
-FORMAT_VERSION = 1
+__all__ = [
+    "CHECKPOINT_KEY", "LanguageModel", "load_checkpoint", "model_root", "param_groups", "read_checkpoint",
+    "recipe_config_of",
+]
+
+
+def model_root(module: nn.Module) -> nn.Module:
+    """The model inside a LightningModule (``module.model``, as bitflow's LanguageModel holds its Llama), or
+    ``module`` itself when it has no ``model`` submodule: the module whose layer names quant states and recipes
+    use. The one unwrap helper of bitflow."""
+    inner = getattr(module, "model", None)
+    return inner if isinstance(inner, nn.Module) else module
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -36,10 +60,14 @@ class LanguageModel(L.LightningModule):
 
     Args:
         model: ``LlamaConfig`` fields.
-        optimizer: AdamW settings: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``fused``.
+        optimizer: AdamW settings: ``lr`` (required for training; bitflow's default is in
+            conf/optimizer/adamw.yaml), ``betas``, ``eps``, ``weight_decay``, ``fused`` (missing ones: torch's
+            defaults).
         scheduler: ``LRSchedule`` fields except ``total_steps`` (taken from the trainer's ``max_steps``).
         compile: run the model's forward through ``torch.compile``.
         tokenizer_json: the tokenizer, serialised; stored in every checkpoint so a checkpoint is self-contained.
+        quant: the ``quant`` config: ``recipe`` (``none``, ``bitlinear``, ``dqt``) and its options; ``None`` =
+            16-bit. The recipe is ``self.quant_recipe``.
     """
 
     def __init__(
@@ -49,16 +77,15 @@ class LanguageModel(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
         tokenizer_json: str | None = None,
+        quant: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer_json"])
         self.model = Llama(LlamaConfig.from_dict(dict(model)))
-        self.optimizer_cfg = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-        self.optimizer_cfg.update(optimizer or {})
+        self.optimizer_cfg = dict(optimizer or {})
         self.scheduler_cfg = dict(scheduler or {})
         self.tokenizer_json = tokenizer_json
-        # what the quantization callbacks did to the model; restored from checkpoints (bitflow.quant.state)
-        self.quant_state: dict[str, Any] | None = None
+        self.quant_recipe: QuantRecipe | None = recipe_from_config(quant)
         # a callback may wrap the LR schedule (e.g. the re-warmup after an optimizer reset); pure in the step
         self.lr_wrappers: list[Callable[[Callable[[int], float]], Callable[[int], float]]] = []
         self._forward = torch.compile(self.model) if compile else self.model
@@ -129,25 +156,30 @@ class LanguageModel(L.LightningModule):
         return LRSchedule(total_steps=total, **self.scheduler_cfg)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from bitflow.quant.dqt import build_adamw
-
         cfg = dict(self.optimizer_cfg)
-        fused = cfg.pop("fused", None)
-        # torch.optim.AdamW, or DQTAdamW when the model has DQT layers or the DQT callback asks for it
-        opt = build_adamw(
-            self.model,
-            param_groups(self.model, cfg.pop("weight_decay")),
-            dqt=getattr(self, "dqt_optimizer", None),
-            lr=cfg.pop("lr"),
-            betas=tuple(cfg.pop("betas")),
-            fused=fused,
-            **cfg,
-        )
+        if "lr" not in cfg:
+            raise ValueError("LanguageModel needs optimizer.lr (bitflow's default: conf/optimizer/adamw.yaml)")
+        if cfg.get("betas") is not None:
+            cfg["betas"] = tuple(cfg["betas"])
+        groups = param_groups(self.model, cfg.pop("weight_decay", 1e-2))  # torch's AdamW default
+        if cfg.get("fused") is None:
+            cfg.pop("fused", None)
+        build = self.quant_recipe.build_optimizer if self.quant_recipe is not None else adamw
+        opt = build(self.model, groups, **cfg)
         self.lr_schedule  # validate the schedule before the first step  # noqa: B018
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.quant_recipe is not None:  # e.g. DQT averages its gradients over ranks before clipping
+            self.quant_recipe.before_optimizer_step(self.model, unwrap_optimizer(optimizer))
+
     # ---------------------------------------------------------------- checkpoints
+    @property
+    def quant_state(self) -> dict[str, Any] | None:
+        """The quantization state of the model as plain data (``None`` while it is 16-bit); a host sync."""
+        return self.quant_recipe.state(self.model) if self.quant_recipe is not None else None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             "version": FORMAT_VERSION,
@@ -158,6 +190,7 @@ class LanguageModel(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the model, take the tokenizer and rebuild the quantized layers before the weights load."""
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("this checkpoint was not written by bitflow (it has no 'bitflow' section)")
@@ -165,46 +198,29 @@ class LanguageModel(L.LightningModule):
         if self.tokenizer_json is None:
             self.tokenizer_json = meta.get("tokenizer")
         self.tokens_seen = meta.get("tokens_seen", 0)
-        if meta.get("quant"):
-            from bitflow.quant.state import apply_quant_state
-
-            apply_quant_state(self.model, meta["quant"])
-            self.quant_state = meta["quant"]
-
-
-def check_same_model(config: dict[str, Any], checkpoint_config: dict[str, Any]) -> None:
-    """Raise a ValueError naming every field where a checkpoint's model config differs from ``config``."""
-    diff = {k: (checkpoint_config.get(k), v) for k, v in config.items() if checkpoint_config.get(k) != v}
-    if diff:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"the checkpoint is from another model ({details})")
-
-
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """Load a bitflow checkpoint file as a dict, with clear errors for a missing or foreign file.
-
-    ``mmap=True`` maps tensors lazily from disk: cheap when only the ``bitflow`` section is needed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # pickle errors, truncated files, text files...
-        raise ValueError(f"{path} is not a bitflow checkpoint (torch.load failed: {e})") from e
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a bitflow checkpoint (no '{CHECKPOINT_KEY}' section)")
-    return ckpt
+        state = meta.get("quant")
+        if not state:
+            return
+        kind = state.get("kind")
+        if self.quant_recipe is None:
+            raise ValueError(
+                f"the checkpoint's model is quantized ({kind}: {len(state.get('layers', []))} layers), but this "
+                f"run's quant=none; resume with the quant option it was trained with (e.g. quant=ternary or "
+                f"quant=dqt_ternary)"
+            )
+        if kind != self.quant_recipe.name:
+            raise ValueError(
+                f"the checkpoint's model is quantized by the {kind!r} recipe, but this run's quant.recipe="
+                f"{self.quant_recipe.name!r}"
+            )
+        self.quant_recipe.restore(self.model, state)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
-    """Rebuild the LanguageModel from a checkpoint: config, weights, tokenizer and quantization state."""
-    ckpt = read_checkpoint(path)
-    hp = dict(ckpt.get("hyper_parameters", {}))
-    hp["model"] = ckpt[CHECKPOINT_KEY]["model_config"]
-    hp["compile"] = False
-    lm = LanguageModel(**{k: v for k, v in hp.items() if k in ("model", "optimizer", "scheduler", "compile")})
-    lm.on_load_checkpoint(ckpt)
-    lm.load_state_dict(ckpt["state_dict"])
-    return lm.to(map_location).eval()
-
+def recipe_config_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``quant`` config a checkpoint was trained with: its hyperparameters', or (checkpoints written before
+    the recipes existed) the one its quant state implies; ``None`` for a 16-bit checkpoint."""
+    hp = checkpoint.get("hyper_parameters", {})
+    if hp.get("quant") is not None:
+        return dict(hp["quant"])
+    state = checkpoint[CHECKPOINT_KEY].get("quant")
+    return recipe_for_state(state).config() if state else None

@@ -31,17 +31,19 @@ import torch.nn.functional as F
 from bitflow.bench.common import print_table
 from bitflow.lm import param_groups
 from bitflow.models.llama import Llama, LlamaConfig
-from bitflow.quant import BitLinear, to_bitlinear
-from bitflow.quant.dqt import DQTAdamW, _unique_weights, build_adamw, to_dqt
+from bitflow.quant import BitLinear
+from bitflow.quant.dqt import DQTAdamW, unique_dqt_weights
+from bitflow.quant.recipe import adamw
+from bitflow.quant.recipes import recipe_from_config
 
-# mode -> (how to convert, DQTAdamW options)
-MODES: dict[str, tuple[str, dict[str, Any]]] = {
-    "16-bit AdamW": ("none", {}),
-    "STE ternary (BitLinear)": ("ste", {}),
-    "DQT ternary, fp32 moments": ("dqt", {"bits": None, "moment_dtype": "float32"}),
-    "DQT ternary, bf16 moments": ("dqt", {"bits": None, "moment_dtype": "bfloat16"}),
-    "DQT 8-bit, fp32 moments": ("dqt", {"bits": 8, "moment_dtype": "float32"}),
-    "DQT 8-bit, bf16 moments": ("dqt", {"bits": 8, "moment_dtype": "bfloat16"}),
+# mode -> its quant config (bitflow.quant.recipes)
+MODES: dict[str, dict[str, Any]] = {
+    "16-bit AdamW": {"recipe": "none"},
+    "STE ternary (BitLinear)": {"recipe": "bitlinear"},
+    "DQT ternary, fp32 moments": {"recipe": "dqt", "bits": None, "moment_dtype": "float32", "seed": 0},
+    "DQT ternary, bf16 moments": {"recipe": "dqt", "bits": None, "moment_dtype": "bfloat16", "seed": 0},
+    "DQT 8-bit, fp32 moments": {"recipe": "dqt", "bits": 8, "moment_dtype": "float32", "seed": 0},
+    "DQT 8-bit, bf16 moments": {"recipe": "dqt", "bits": 8, "moment_dtype": "bfloat16", "seed": 0},
 }
 STE = "STE ternary (BitLinear)"
 MB = 2**20
@@ -49,16 +51,13 @@ MB = 2**20
 
 def build(mode: str, cfg: LlamaConfig, lr: float = 2e-3) -> tuple[Llama, torch.optim.Optimizer]:
     """The model of ``mode`` (seed 0) and its optimizer, as bitflow's LanguageModel builds it."""
-    kind, opts = MODES[mode]
+    recipe = recipe_from_config(MODES[mode])
     torch.manual_seed(0)
     model = Llama(cfg)
-    if kind == "ste":
-        to_bitlinear(model)
-    elif kind == "dqt":
-        to_dqt(model, bits=opts["bits"])
-    dqt = {"moment_dtype": opts["moment_dtype"], "seed": 0} if kind == "dqt" else None
-    opt = build_adamw(model, param_groups(model, 0.1), dqt=dqt, lr=lr, betas=(0.9, 0.95))
-    return model, opt
+    if recipe is not None:
+        recipe.convert(model)
+    build_optimizer = recipe.build_optimizer if recipe is not None else adamw
+    return model, build_optimizer(model, param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
 
 
 def train_step_fn(model: Llama, opt: torch.optim.Optimizer, batch: torch.Tensor):
@@ -87,7 +86,7 @@ def held_bytes(model: Llama, opt: torch.optim.Optimizer) -> dict[str, int]:
     out = {"targeted_weights": sum(_nbytes(p) for p in targeted), "targeted_state": 0}
     out["targeted_state"] = sum(_nbytes(v) for p, st in opt.state.items() if id(p) in ids for v in st.values())
     if isinstance(opt, DQTAdamW):
-        weights = _unique_weights(model)
+        weights = unique_dqt_weights(model)
         out["targeted_weights"] += sum(_nbytes(m.codes) + _nbytes(m.scale) for _, m in weights)
         out["targeted_state"] += sum(_nbytes(v) for st in opt.dqt_state.values() for v in st.values())
     other = [p for p in model.parameters() if id(p) not in ids]
@@ -214,7 +213,7 @@ def step_time_rows(cfg: LlamaConfig, batch: torch.Tensor, quick: bool) -> list[d
 
 
 # ----------------------------------------------------------------------------------------------- final loss
-LOSS_MODES = {"16-bit": "none", "STE ternary": "ste_ternary", "DQT ternary": "ternary", "DQT 8-bit": "int8"}
+LOSS_MODES = {"16-bit": "none", "STE ternary": "ternary", "DQT ternary": "dqt_ternary", "DQT 8-bit": "dqt_int8"}
 
 
 def loss_rows(steps: int, overrides: list[str] | None = None) -> list[dict[str, Any]]:
@@ -230,7 +229,7 @@ def loss_rows(steps: int, overrides: list[str] | None = None) -> list[dict[str, 
         for mode, option in LOSS_MODES.items():
             with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
                 cfg = compose(config_name="train", overrides=[
-                    "+experiment=dqt_vs_ste", f"+dqt={option}", f"trainer.max_steps={steps}",
+                    "+experiment=dqt_vs_ste", f"quant={option}", f"trainer.max_steps={steps}",
                     f"trainer.val_check_interval={steps}", "trainer.enable_progress_bar=false",
                     "callbacks=none", "logger=none", f"paths.output_dir={out}/{option}", *(overrides or []),
                 ])

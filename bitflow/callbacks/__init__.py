@@ -1,6 +1,6 @@
-"""Lightning callbacks: the 16-bit -> 1.58-bit precision transition and quantization monitoring."""
+"""Lightning callbacks: the precision transition (when a run's quantization recipe applies) and monitoring."""
 
 from bitflow.callbacks.monitor import QuantMonitor
-from bitflow.callbacks.transition import OPTIMIZER_STATES, PrecisionTransition
+from bitflow.callbacks.transition import OPTIMIZER_STATES, PrecisionTransition, build_transition
 
-__all__ = ["OPTIMIZER_STATES", "PrecisionTransition", "QuantMonitor"]
+__all__ = ["OPTIMIZER_STATES", "PrecisionTransition", "QuantMonitor", "build_transition"]

@@ -1,21 +1,26 @@
-"""PrecisionTransition: train in 16-bit, then switch the linear layers to ternary BitLinear and keep training.
+"""PrecisionTransition: when a run's quantization recipe converts the model (16-bit, then quantized).
 
-Continual quantization-aware pre-training (Nielsen, Galke, Schneider-Kamp, arXiv 2502.11895): at step t0 every
-targeted ``nn.Linear`` becomes a :class:`~bitflow.quant.BitLinear` that reuses the very same weight/bias Parameters
-(the 16-bit weights continue as BitLinear's latent weights). Around that switch:
+The LightningModule owns *what* the model is quantized to (its recipe, ``quant`` config group,
+:mod:`bitflow.quant.recipes`); this callback owns *when* (``transition`` config group) and drives any recipe.
+Continual quantization-aware pre-training (Nielsen, Galke, Schneider-Kamp, arXiv 2502.11895): at step t0 the
+recipe converts the targeted layers (BitLinear reuses the very same Parameters as latent weights; DQT replaces them
+by int8 codes). Around that switch:
 
-* optimizer state: ``keep`` the AdamW moments, or ``reset`` them for the converted Parameters only;
+* optimizer state: ``keep`` the AdamW moments of the converted weights, or ``reset`` them (the recipe's
+  ``adopt_optimizer``);
 * LR re-warmup ("bolt-on" warmup of the authors' code, with ``reset``): LR 0 at t0, rising linearly over t_w steps
   to the schedule's value at t0 + t_w (:func:`bitflow.schedules.rewarmup`);
-* phase-in of the quantization strength for weights and activations, ``q_lambda(x) = x + lambda (Q(x) - x)``, with
-  e.g. lambda(t) = tanh(2.5 (t - t0) / T_w) for 0 <= t - t0 < T_w and exactly 1 afterwards
-  (:func:`bitflow.schedules.phase_in`).
+* phase-in of the quantization strength (recipes that have one, e.g. BitLinear),
+  ``q_lambda(x) = x + lambda (Q(x) - x)`` with e.g. lambda(t) = tanh(2.5 (t - t0) / T_w) for 0 <= t - t0 < T_w
+  and exactly 1 afterwards (:func:`bitflow.schedules.phase_in`);
+* ``transition/spike`` and ``transition/recovery_steps`` of the training loss, and ``quant/switch_step`` (value =
+  t0, logged once, at step t0: what ``bitflow-report`` reads).
 
 When: the conversion happens at the start of the training batch whose ``trainer.global_step == t0``, so step t0's
-forward is already ternary. A checkpoint records the conversion (``LanguageModel.quant_state``, see
-:mod:`bitflow.quant.state`); resuming from it rebuilds the BitLinear layers before the weights load and this callback
-sees that the switch is done. LR and lambda are pure functions of the global step, so a resumed run continues
-exactly as the uninterrupted one.
+forward is already quantized (t0 = 0: at ``setup``, before the optimizer is built). A checkpoint records the
+conversion (the recipe's state, ``LanguageModel.quant_state``); resuming from it rebuilds the layers before the
+weights load and this callback sees that the switch is done. LR and lambda are pure functions of the global step,
+so a resumed run continues exactly as the uninterrupted one.
 
 Between training steps the model is in the state of ``trainer.global_step``: its lambda is
 ``lambda(global_step)`` (what validation and checkpoints see).
@@ -23,42 +28,26 @@ Between training steps the model is in the state of ``trainer.global_step``: its
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
 
-from bitflow.quant import BitLinear, set_strength, to_bitlinear, to_linear
-from bitflow.quant.state import bitlinear_state
-from bitflow.schedules import PHASE_IN_SCHEDULES, phase_in, rewarmup
+from bitflow.callbacks.spike import SpikeTracker
+from bitflow.lm import model_root
+from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe
+from bitflow.quant.recipes import recipe_from_config
+from bitflow.schedules import PHASE_IN_SCHEDULES, phase_in, resolve_switch_step, rewarmup
 
-__all__ = ["OPTIMIZER_STATES", "PrecisionTransition", "model_root"]
+__all__ = ["OPTIMIZER_STATES", "PrecisionTransition", "build_transition", "log_scalars", "model_root"]
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_STATES = ("keep", "reset")
-QUANT_KINDS = ("bitlinear",)
-_QUANT_FILTER_KEYS = ("kind", "include", "exclude")
-# BitLinear's keyword options and their defaults, read off its signature
-_BITLINEAR_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(BitLinear.__init__).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "dtype")
-}
-_BITLINEAR_OPTIONS = tuple(_BITLINEAR_DEFAULTS)
-
-
-def model_root(pl_module: L.LightningModule) -> nn.Module:
-    """The module whose layer names the quant state uses: ``pl_module.model`` (bitflow's LanguageModel holds the
-    Llama there) or, for any other LightningModule without a ``model`` submodule, the module itself."""
-    inner = getattr(pl_module, "model", None)
-    return inner if isinstance(inner, nn.Module) else pl_module
+OPTIMIZER_STATES = OPTIMIZER_MODES
 
 
 def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -73,48 +62,27 @@ def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> 
 
 def _check_int(name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer >= {minimum}")
+        raise ValueError(f"transition.{name}={value!r} is not allowed; allowed: an integer >= {minimum}")
     return value
 
 
-def _split_quant(quant: Mapping[str, Any] | None) -> tuple[Any, Any, dict[str, Any]]:
-    """``(include, exclude, BitLinear options)`` of a ``quant`` config, validated without a model."""
-    quant = dict(quant or {})
-    kind = quant.pop("kind", "bitlinear")
-    if kind not in QUANT_KINDS:
-        hint = " (quant=none is 16-bit: pick e.g. quant=ternary, or transition=none)" if kind == "none" else ""
-        raise ValueError(f"PrecisionTransition: quant.kind={kind!r} is not supported{hint}; allowed: {QUANT_KINDS}")
-    include, exclude = quant.pop("include", None), quant.pop("exclude", ("lm_head",))
-    for key, patterns in (("include", include), ("exclude", exclude)):
-        if patterns is not None and not isinstance(patterns, (str, Sequence)):
-            raise ValueError(f"quant.{key}={patterns!r} must be null, a name pattern or a list of them")
-    unknown = sorted(set(quant) - set(_BITLINEAR_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown quant option(s) {unknown}; allowed: {list(_QUANT_FILTER_KEYS) + list(_BITLINEAR_OPTIONS)}"
-        )
-    # a throwaway layer validates the option values now (group_size divisibility is checked per layer at setup)
-    BitLinear(quant.get("group_size") or 1, 1, bias=False, **quant)
-    return include, exclude, quant
-
-
 class PrecisionTransition(Callback):
-    """Switch from 16-bit to BitLinear (1.58-bit by default) at a step; see the module docstring.
+    """Convert the model with its quantization recipe at step t0; see the module docstring.
 
     Args:
-        at: the switch step t0: an int step (``0`` = ternary from the first step: the 1.58-bit baseline through the
-            same code), a float in (0, 1) = that fraction of ``trainer.max_steps`` (rounded to the nearest step),
-            or ``None`` = never switch (the 16-bit baseline through the same code).
-        optimizer_state: ``"keep"`` the AdamW state of the converted Parameters, or ``"reset"`` it (the entries of
-            the converted Parameters are removed; AdamW creates fresh ones at the next step; others are untouched).
+        at: the switch step t0: an int step (``0`` = quantized from the first step), a float in (0, 1) = that
+            fraction of ``trainer.max_steps`` (rounded to the nearest step), or ``None`` = never switch (the 16-bit
+            baseline through the same code). :func:`bitflow.schedules.resolve_switch_step` resolves it.
+        optimizer_state: ``"keep"`` the AdamW state of the converted weights, or ``"reset"`` it (AdamW creates
+            fresh state for them at the next step; other Parameters are untouched).
         lr_rewarmup_steps: t_w of the bolt-on LR re-warmup after a ``reset`` (0 = none). Ignored with ``keep`` (so
             one config can sweep keep/reset). Needs a module with ``lr_wrappers`` (bitflow's LanguageModel).
-        phase_in: the lambda schedule, one of ``none, linear, tanh, sigmoid, exp, cosine`` (``none``: 1 at once).
-        phase_in_steps: T_w, the phase-in length in steps (> 0 unless ``phase_in`` is ``none``, where it is
-            ignored).
-        quant: BitLinear's keyword options (``weight_scale``, ``granularity``, ``weight_bits``, ``act_bits``, ...)
-            plus the layer filter ``include``/``exclude`` (fnmatch globs on layer names; default: every Linear but
-            ``lm_head``) and ``kind`` (``bitlinear``). The Hydra config passes ``quant: ${quant}``.
+        phase_in: the lambda schedule, one of ``none, linear, tanh, sigmoid, exp, cosine`` (``none``: 1 at once);
+            anything but ``none`` needs a recipe with a phase-in strength (``bitlinear``; not ``dqt``).
+        phase_in_steps: T_w, the phase-in length in steps (> 0 unless ``phase_in`` is ``none``).
+        quant: a ``quant`` config (``recipe`` plus its options; ``recipe`` defaults to ``bitlinear``) for a
+            LightningModule that has no recipe of its own. bitflow's LanguageModel owns its recipe (the ``quant``
+            config group): leave this ``None`` then.
         spike_window: K: ``transition/spike`` = the highest training loss in the K steps from t0 minus the mean
             over the K steps before t0; logged once, at step t0 + K - 1 (or at the end of a shorter run).
         recovery_smoothing: beta of the exponential moving average of the training loss used by
@@ -122,8 +90,10 @@ class PrecisionTransition(Callback):
             the pre-switch level (the mean of the K steps before t0); 0 = it never rose above it. Logged at the step
             where that happens; not logged if it does not happen within the run.
 
-    Both spike metrics use rank 0's training loss (as ``train/loss`` is logged); they need t0 > 0.
-    Bad values raise ``ValueError`` here or, for checks that need ``max_steps`` or the model, in ``setup``.
+    Both spike metrics use rank 0's training loss (as ``train/loss`` is logged); they need t0 > 0. At the logging
+    steps the recipe's own metrics (e.g. DQT's ``quant/flip_rate``, ``dqt/level_share/*``) are logged too.
+    Bad values raise ``ValueError`` naming ``transition.<key>`` here or, for checks that need ``max_steps`` or the
+    recipe, in :meth:`check` (called by :func:`build_transition` before training and again in ``setup``).
     """
 
     def __init__(
@@ -137,82 +107,101 @@ class PrecisionTransition(Callback):
         spike_window: int = 20,
         recovery_smoothing: float = 0.9,
     ) -> None:
-        if at is not None:
-            if isinstance(at, bool) or not isinstance(at, (int, float)):
-                raise ValueError(f"at={at!r} is not allowed; {self._AT_HELP}")
-            if isinstance(at, float) and at != 0.0 and not 0.0 < at < 1.0:
-                raise ValueError(f"at={at!r} is outside (0, 1); {self._AT_HELP}")
-            if isinstance(at, int) and at < 0:
-                raise ValueError(f"at={at!r} is negative; {self._AT_HELP}")
+        resolve_switch_step(at, None)  # type and range; the step itself needs max_steps
         if optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(f"optimizer_state={optimizer_state!r} is not allowed; allowed: {', '.join(OPTIMIZER_STATES)}")
+            raise ValueError(
+                f"transition.optimizer_state={optimizer_state!r} is not allowed; allowed: {', '.join(OPTIMIZER_STATES)}"
+            )
         if phase_in not in PHASE_IN_SCHEDULES:
-            raise ValueError(f"phase_in={phase_in!r} is not allowed; allowed: {', '.join(PHASE_IN_SCHEDULES)}")
+            raise ValueError(
+                f"transition.phase_in={phase_in!r} is not allowed; allowed: {', '.join(PHASE_IN_SCHEDULES)}"
+            )
         _check_int("lr_rewarmup_steps", lr_rewarmup_steps)
         _check_int("phase_in_steps", phase_in_steps)
         if phase_in != "none" and phase_in_steps == 0:
-            raise ValueError(f"phase_in={phase_in!r} needs phase_in_steps > 0 (got 0); or use phase_in='none'")
+            raise ValueError(
+                f"transition.phase_in={phase_in!r} needs transition.phase_in_steps > 0 (got 0); or use "
+                "transition.phase_in=none"
+            )
         _check_int("spike_window", spike_window, minimum=1)
         if isinstance(recovery_smoothing, bool) or not isinstance(recovery_smoothing, (int, float)) or not (
             0.0 <= recovery_smoothing < 1.0
         ):
-            raise ValueError(f"recovery_smoothing={recovery_smoothing!r} is not allowed; allowed: a float in [0, 1)")
+            raise ValueError(
+                f"transition.recovery_smoothing={recovery_smoothing!r} is not allowed; allowed: a float in [0, 1)"
+            )
         self.at = at
         self.optimizer_state = optimizer_state
         self.lr_rewarmup_steps = lr_rewarmup_steps
         self.phase_in = phase_in
         self.phase_in_steps = phase_in_steps
-        self.include, self.exclude, self.options = _split_quant(quant)
+        self.quant = recipe_from_config({"recipe": "bitlinear", **quant}) if quant is not None else None
+        if quant is not None and self.quant is None:
+            raise ValueError("PrecisionTransition(quant=...) needs a quantization to switch to; quant.recipe=none is 16-bit")
+        if self.quant is not None:
+            self._check_phase_in(self.quant)
         self.spike_window = spike_window
         self.recovery_smoothing = float(recovery_smoothing)
 
         self.switch_step: int | None = None  # t0, resolved in setup()
+        self.recipe: QuantRecipe | None = None  # the recipe this callback drives, found in setup()
         self._lambda: float | None = None  # the strength last written into the model
         self._step_at_start = -1
         self._lambda_logged_step = -1
+        self._switch_logged = False
         self._lr_wrap: Callable[[Callable[[int], float]], Callable[[int], float]] | None = None
-        self._tracker: _SpikeTracker | None = None
+        self._tracker: SpikeTracker | None = None
 
-    _AT_HELP = (
-        "allowed: an int step >= 0 (0 = ternary from the start), a float fraction of trainer.max_steps in (0, 1), "
-        "or null (never switch)"
-    )
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_phase_in(self, recipe: QuantRecipe) -> None:
+        if self.phase_in != "none" and not recipe.supports_phase_in:
+            raise ValueError(
+                f"transition.phase_in={self.phase_in!r} needs a recipe with a quantization strength, but "
+                f"quant.recipe={recipe.name!r} has none; use transition.phase_in=none"
+            )
 
-    # ------------------------------------------------------------------------------------------ schedule
+    def check(self, recipe: QuantRecipe | None, max_steps: int | None) -> int | None:
+        """Check this transition against the recipe it drives and the run length; returns the switch step t0."""
+        if recipe is None:
+            raise ValueError(
+                "a precision transition needs a quantization to switch to, but quant=none (16-bit); pick one, e.g. "
+                "quant=ternary or quant=dqt_ternary, or drop transition=default"
+            )
+        self._check_phase_in(recipe)
+        return resolve_switch_step(self.at, max_steps)
+
     def strength(self, step: int) -> float:
         """lambda at ``step``: 0 before the switch (and when it never happens), then the phase-in schedule."""
         if self.switch_step is None:
             return 0.0
         return phase_in(self.phase_in, step, self.switch_step, self.phase_in_steps)
 
-    def _resolve_switch_step(self, max_steps: int) -> int | None:
-        if self.at is None:
-            return None
-        if isinstance(self.at, float) and self.at != 0.0:
-            if max_steps <= 0:
-                raise ValueError(f"at={self.at} is a fraction of trainer.max_steps, but max_steps={max_steps}")
-            step = round(self.at * max_steps)
-            if not 0 < step < max_steps:
+    def _find_recipe(self, pl_module: L.LightningModule) -> QuantRecipe:
+        """The module's own recipe (``quant_recipe``), or this callback's ``quant``, which a module with an empty
+        ``quant_recipe`` slot adopts (so its optimizer and checkpoints use it)."""
+        owned = getattr(pl_module, "quant_recipe", None)
+        if self.quant is None:
+            if owned is None:
                 raise ValueError(
-                    f"at={self.at} of max_steps={max_steps} is step {step}, which is not inside the run "
-                    f"(1..{max_steps - 1}); use at=0 to train ternary from the start"
+                    f"{type(pl_module).__name__} has no quantization recipe (quant=none) for PrecisionTransition to "
+                    "apply; pick a quant option (e.g. quant=ternary) or pass PrecisionTransition(quant=...)"
                 )
-            return step
-        step = int(self.at)
-        if max_steps > 0 and step >= max_steps:
-            raise ValueError(
-                f"at={self.at} is past the end of training (trainer.max_steps={max_steps}); "
-                f"the switch step must be < max_steps"
-            )
-        return step
+            return owned
+        if owned is not None and owned != self.quant:
+            raise ValueError(f"PrecisionTransition(quant=...) {self.quant} differs from the module's recipe {owned}")
+        if hasattr(pl_module, "quant_recipe"):
+            pl_module.quant_recipe = self.quant
+        return self.quant
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve t0, dry-run the layer filter on the model, register the LR re-warmup; at t0 = 0 convert now."""
+        """Resolve t0, plan the layers (pure: the model is not touched), register the LR re-warmup; at t0 = 0
+        convert now, before the optimizer is built."""
         if stage != "fit":
             return
-        self.switch_step = t0 = self._resolve_switch_step(trainer.max_steps)
-        self._lambda = None
+        self.recipe = recipe = self._find_recipe(pl_module)
+        self.switch_step = t0 = self.check(recipe, trainer.max_steps)
+        self._lambda, self._switch_logged = None, False
         if t0 is None:
             log.info("precision transition: at=None, the run stays 16-bit")
             return
@@ -224,40 +213,22 @@ class PrecisionTransition(Callback):
         if self.optimizer_state == "reset" and self.lr_rewarmup_steps > 0:
             if not isinstance(getattr(pl_module, "lr_wrappers", None), list):
                 raise ValueError(
-                    "lr_rewarmup_steps needs a LightningModule with an `lr_wrappers` list whose LR schedule applies "
-                    f"them (bitflow.lm.LanguageModel); {type(pl_module).__name__} has none"
+                    "transition.lr_rewarmup_steps needs a LightningModule with an `lr_wrappers` list whose LR "
+                    f"schedule applies them (bitflow.lm.LanguageModel); {type(pl_module).__name__} has none"
                 )
             self._lr_wrap = _RewarmupWrap(t0, self.lr_rewarmup_steps)
             if self._lr_wrap not in pl_module.lr_wrappers:
                 pl_module.lr_wrappers.append(self._lr_wrap)
-        if self._switched(pl_module):
-            return  # fitting again a module that already switched
+        if t0 > 0:
+            self._tracker = SpikeTracker(t0, self.spike_window, self.recovery_smoothing)
         root = model_root(pl_module)
-        present = [name for name, m in root.named_modules() if isinstance(m, BitLinear)]
-        if present:
-            raise ValueError(
-                f"the model already has BitLinear layers before the precision transition: {present[:4]}; "
-                "PrecisionTransition converts a 16-bit model"
-            )
+        if recipe.converted(root):
+            return  # fitting again a module that already switched
         if t0 == 0:
             self._switch(trainer, pl_module, 0)
-        else:  # dry run: to_bitlinear validates the filter and the options on the real layers, then undo it
-            names = to_bitlinear(root, include=self.include, exclude=self.exclude, **self.options)
-            to_linear(root)
-            log.info("precision transition at step %d: %d layers will become BitLinear", t0, len(names))
-        if t0 > 0:
-            self._tracker = _SpikeTracker(t0, self.spike_window, self.recovery_smoothing)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After a resume: check that a restored quant state is the one this callback would have produced."""
-        state = getattr(pl_module, "quant_state", None)
-        if not self._switched(pl_module) or self.switch_step is None:
-            return
-        mine = {**_BITLINEAR_DEFAULTS, **self.options}
-        if state.get("options") != mine:
-            raise ValueError(
-                f"the checkpoint's quant options {state.get('options')} differ from this run's quant config {mine}"
-            )
+        else:
+            names = recipe.plan(root)
+            log.info("precision transition at step %d: %d layers will be converted by %s", t0, len(names), recipe)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         wrappers = getattr(pl_module, "lr_wrappers", None)
@@ -265,41 +236,30 @@ class PrecisionTransition(Callback):
             wrappers.remove(self._lr_wrap)
 
     # ------------------------------------------------------------------------------------------ the switch
-    @staticmethod
-    def _switched(pl_module: L.LightningModule) -> bool:
-        state = getattr(pl_module, "quant_state", None)
-        return isinstance(state, dict) and state.get("kind") == "bitlinear"
-
-    @staticmethod
-    def _converted_options(root: nn.Module, names: list[str]) -> dict[str, Any]:
-        return dict(root.get_submodule(names[0]).options())
+    def _switched(self, pl_module: L.LightningModule) -> bool:
+        return self.recipe is not None and bool(self.recipe.converted(model_root(pl_module)))
 
     def _switch(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        root = model_root(pl_module)
-        names = to_bitlinear(root, include=self.include, exclude=self.exclude, **self.options)
-        if self.optimizer_state == "reset":
-            params = {id(p) for name in names for p in root.get_submodule(name).parameters(recurse=False)}
-            for optimizer in trainer.optimizers:
-                for p in [p for p in optimizer.state if id(p) in params]:
-                    del optimizer.state[p]  # AdamW builds a fresh state (step 0, zero moments) at the next step
-        lam = self.strength(step)
-        pl_module.quant_state = bitlinear_state(names, self._converted_options(root, names), lam, lam)
-        set_strength(root, weight=lam, act=lam)
-        self._lambda = lam
+        recipe, root = self.recipe, model_root(pl_module)
+        conversion = recipe.convert(root)
+        for optimizer in trainer.optimizers:  # none yet when t0 = 0 (the recipe builds it for the converted model)
+            recipe.adopt_optimizer(optimizer, root, conversion, self.optimizer_state)
+        self._lambda = None
+        self._set_strength(pl_module, step)
         if step != self.switch_step:
             log.warning("precision transition planned at step %s happens at step %d", self.switch_step, step)
         log.info(
-            "precision transition at step %d: %d layers -> BitLinear (optimizer state %s, phase-in %s)",
-            step, len(names), self.optimizer_state, self.phase_in,
+            "precision transition at step %d: %d layers converted by %s (optimizer state %s, phase-in %s)",
+            step, len(conversion.names), recipe.name, self.optimizer_state, self.phase_in,
         )
 
     def _set_strength(self, pl_module: L.LightningModule, step: int) -> None:
-        lam = self.strength(step)
-        if lam == self._lambda:
+        if not self.recipe.supports_phase_in:
             return
-        set_strength(model_root(pl_module), weight=lam, act=lam)  # fills buffers in place: no recompilation
-        pl_module.quant_state["strength"] = {"weight": lam, "act": lam}
-        self._lambda = lam
+        lam = self.strength(step)
+        if lam != self._lambda:
+            self.recipe.set_strength(model_root(pl_module), lam)  # in place: a compiled model is not recompiled
+            self._lambda = lam
 
     # ------------------------------------------------------------------------------------------ per batch
     def on_train_batch_start(
@@ -312,9 +272,14 @@ class PrecisionTransition(Callback):
             if not self._switched(pl_module):
                 self._switch(trainer, pl_module, step)
             self._set_strength(pl_module, step)
+        if step == t0 and not self._switch_logged:
+            log_scalars(trainer, {"quant/switch_step": float(t0)}, t0)
+            self._switch_logged = True
         # lambda of this batch's forward, at the step Lightning logs this batch's train/loss (and at the switch)
         n = trainer.log_every_n_steps
-        if step != self._lambda_logged_step and ((n > 0 and (step + 1) % n == 0) or step == t0):
+        if self.recipe.supports_phase_in and step != self._lambda_logged_step and (
+            (n > 0 and (step + 1) % n == 0) or step == t0
+        ):
             log_scalars(trainer, {"quant/lambda": self.strength(step)}, step)
             self._lambda_logged_step = step
 
@@ -328,14 +293,24 @@ class PrecisionTransition(Callback):
                 self._tracker.add(step, loss.detach())
         if trainer.global_step == step:
             return  # accumulating gradients: the optimizer step has not happened yet
+        n = trainer.log_every_n_steps
+        log_step = n > 0 and (step + 1) % n == 0
         if self._tracker is not None:
             self._tracker.end_step(step)
-            n = trainer.log_every_n_steps
-            if self._tracker.due(step) or (n > 0 and (step + 1) % n == 0):
+            if self._tracker.due(step) or log_step:
                 self._report(trainer, self._tracker.flush())
-        if self.switch_step is not None and self._switched(pl_module):
-            # the model between steps is the model of trainer.global_step (validation and checkpoints see it)
-            self._set_strength(pl_module, trainer.global_step)
+        if self.switch_step is None or not self._switched(pl_module):
+            return
+        # the model between steps is the model of trainer.global_step (validation and checkpoints see it)
+        self._set_strength(pl_module, trainer.global_step)
+        if log_step and trainer.is_global_zero:
+            self._log_recipe_metrics(trainer, pl_module, step)
+
+    def _log_recipe_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        metrics = self.recipe.metrics(model_root(pl_module), trainer.optimizers[0] if trainer.optimizers else None)
+        if metrics:  # one host transfer for all of them
+            values = torch.stack([v.detach().double().reshape(()).cpu() for v in metrics.values()]).tolist()
+            log_scalars(trainer, dict(zip(metrics, values, strict=True)), step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._tracker is not None:
@@ -379,86 +354,30 @@ class _RewarmupWrap:
         return hash((self.start, self.steps))
 
 
-class _SpikeTracker:
-    """Loss spike and recovery around the switch from per-step training losses, with few host syncs.
+def build_transition(cfg: DictConfig) -> PrecisionTransition | None:
+    """The run's PrecisionTransition from its ``quant`` (what) and ``transition`` (when) configs, checked up front.
 
-    Losses stay on the device until :meth:`flush` (every logging interval and at the end of the spike window) turns
-    the pending ones into floats in one transfer. Tracks steps t0 - K .. t0 + K - 1 for the spike and goes on until
-    the smoothed loss has recovered.
+    ``quant=none`` without a transition: ``None`` (16-bit). ``quant=<option>`` alone: quantized from the first
+    step (``at=0``). ``transition=default``: the switch at ``transition.at``. Refused with one ``ValueError``
+    naming the key: options of ``transition`` set without ``transition=default`` (e.g. ``+transition.at=0.5``), a
+    transition without a quantization, a phase-in for a recipe without one, a switch step outside the run.
     """
-
-    def __init__(self, t0: int, window: int, beta: float) -> None:
-        self.t0, self.window, self.beta = t0, window, beta
-        self.first = max(0, t0 - window)
-        self.pending: list[tuple[int, torch.Tensor | float]] = []
-        self.pre: list[float] = []
-        self.post: list[float] = []
-        self.ema: float | None = None
-        self.spike_logged = False
-        self.recovery: int | None = None
-        self._acc: torch.Tensor | None = None
-
-    @property
-    def active(self) -> bool:
-        return not (self.spike_logged and self.recovery is not None)
-
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        """Add one micro-batch's loss (Lightning divides it by the accumulation count, so the sum is the mean)."""
-        if step >= self.first and self.active:
-            self._acc = loss if self._acc is None else self._acc + loss
-
-    def end_step(self, step: int) -> None:
-        if self._acc is not None:
-            self.pending.append((step, self._acc))
-            self._acc = None
-
-    def due(self, step: int) -> bool:
-        return step == self.t0 + self.window - 1 and not self.spike_logged
-
-    def flush(self, final: bool = False) -> list[tuple[str, float, int]]:
-        """Process the pending losses in step order; returns the metrics that became known as (name, value, step)."""
-        if not self.pending and not final:
-            return []
-        tensors = [v for _, v in self.pending if isinstance(v, torch.Tensor)]
-        host = iter(torch.stack(tensors).float().tolist()) if tensors else iter(())
-        values = [(s, next(host) if isinstance(v, torch.Tensor) else v) for s, v in self.pending]
-        self.pending = []
-        events = []
-        for step, value in values:
-            if step < self.t0:
-                self.pre = (self.pre + [value])[-self.window:]
-            elif len(self.post) < self.window:
-                self.post.append(value)
-            self.ema = value if self.ema is None else self.beta * self.ema + (1 - self.beta) * value
-            if step < self.t0 or not self.pre:
-                continue
-            level = sum(self.pre) / len(self.pre)
-            if len(self.post) == self.window and not self.spike_logged and step == self.t0 + self.window - 1:
-                events.append(("transition/spike", max(self.post) - level, step))
-                self.spike_logged = True
-            if self.recovery is None and self.ema <= level:
-                self.recovery = step - self.t0
-                events.append(("transition/recovery_steps", float(self.recovery), step))
-        if final and not self.spike_logged and self.post and self.pre:
-            level = sum(self.pre) / len(self.pre)
-            events.append(("transition/spike", max(self.post) - level, self.t0 + len(self.post) - 1))
-            self.spike_logged = True
-        return events
-
-    def state_dict(self) -> dict[str, Any]:
-        self.pending = [(s, float(v)) for s, v in self.pending]  # a host sync, at checkpoint time only
-        return {
-            "pending": list(self.pending),
-            "pre": list(self.pre),
-            "post": list(self.post),
-            "ema": self.ema,
-            "spike_logged": self.spike_logged,
-            "recovery": self.recovery,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pending = [(int(s), float(v)) for s, v in state["pending"]]
-        self.pre, self.post = list(state["pre"]), list(state["post"])
-        self.ema, self.spike_logged, self.recovery = state["ema"], state["spike_logged"], state["recovery"]
-        if self.ema is not None and not math.isfinite(self.ema):
-            self.ema = None
+    quant = OmegaConf.to_container(cfg.quant, resolve=True) if OmegaConf.select(cfg, "quant") is not None else None
+    recipe = recipe_from_config(quant)
+    node = OmegaConf.select(cfg, "transition")
+    trans = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+    target = trans.pop("_target_", None)
+    if target is None:
+        if trans:
+            key = sorted(trans)[0]
+            raise ValueError(
+                f"transition.{key}={trans[key]!r} is set, but no transition is selected; add transition=default "
+                f"(e.g. `bitflow quant=ternary transition=default transition.{key}={trans[key]}`)"
+            )
+        return PrecisionTransition(at=0) if recipe is not None else None
+    if target.rsplit(".", 1)[-1] != PrecisionTransition.__name__:
+        raise ValueError(f"transition._target_={target!r} is not allowed; allowed: bitflow.callbacks.PrecisionTransition")
+    transition = PrecisionTransition(**trans)
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    transition.check(transition.quant or recipe, max_steps)
+    return transition

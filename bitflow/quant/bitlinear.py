@@ -16,8 +16,10 @@ the dense product evaluated at the quantized operands. At full strength (lambda 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from bitflow.quant import functional as QF
 
-__all__ = ["BitLinear", "get_strength", "set_strength"]
+__all__ = ["BitLinear", "BitLinearOptions", "get_strength", "set_strength"]
 
 INPUT_NORMS = (None, "layernorm", "rmsnorm")
 _STRENGTH_BUFFERS = ("weight_strength", "act_strength")
@@ -119,7 +121,7 @@ def _quantize_input(layer: BitLinear, x: Tensor, out_dtype: torch.dtype) -> Tens
 
 
 def _validate_options(
-    in_features: int,
+    in_features: int | None,
     weight_scale: str,
     granularity: str,
     group_size: int | None,
@@ -145,6 +147,34 @@ def _validate_options(
     QF._check_choice("input_norm", input_norm, INPUT_NORMS)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps={eps!r} is not supported; allowed: a positive float (default 1e-5)")
+
+
+@dataclass(frozen=True)
+class BitLinearOptions:
+    """BitLinear's keyword options, validated on construction; the one place their defaults live.
+
+    :class:`BitLinear`'s signature and the ``bitlinear`` recipe read their defaults from here (conf/quant/ternary.yaml
+    spells the same values out so that they show in the composed config; a test keeps them equal). The meaning of
+    each option is documented on :class:`BitLinear`.
+    """
+
+    weight_scale: str = "absmean"
+    granularity: str = "tensor"
+    group_size: int | None = None
+    weight_bits: int | None = None
+    act_bits: int | None = 8
+    act_qmax: float | None = None
+    input_norm: str | None = None
+    eps: float = QF.DEFAULT_EPS
+
+    def __post_init__(self) -> None:
+        # group_size vs in_features is checked per layer
+        _validate_options(None, **{f.name: getattr(self, f.name) for f in dataclasses.fields(BitLinearOptions)})
+
+
+_D = BitLinearOptions()
+_DEFAULT_OPTIONS = dataclasses.asdict(_D)
+_OPTION_NAMES = frozenset(_DEFAULT_OPTIONS)
 
 
 class BitLinear(nn.Linear):
@@ -182,14 +212,14 @@ class BitLinear(nn.Linear):
         out_features: int,
         bias: bool = True,
         *,
-        weight_scale: str = "absmean",
-        granularity: str = "tensor",
-        group_size: int | None = None,
-        weight_bits: int | None = None,
-        act_bits: int | None = 8,
-        act_qmax: float | None = None,
-        input_norm: str | None = None,
-        eps: float = QF.DEFAULT_EPS,
+        weight_scale: str = _D.weight_scale,
+        granularity: str = _D.granularity,
+        group_size: int | None = _D.group_size,
+        weight_bits: int | None = _D.weight_bits,
+        act_bits: int | None = _D.act_bits,
+        act_qmax: float | None = _D.act_qmax,
+        input_norm: str | None = _D.input_norm,
+        eps: float = _D.eps,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -223,8 +253,8 @@ class BitLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, **options) -> BitLinear:
         """A BitLinear that reuses ``linear``'s very ``weight`` and ``bias`` Parameter objects (no copy).
 
-        ``options`` are the keyword options of :class:`BitLinear`. Forward hooks etc. of ``linear`` are not carried
-        over. Raises ``ValueError`` for a non-``nn.Linear`` or invalid options.
+        ``options`` are the keyword options of :class:`BitLinear`. Hooks are not carried over here (model
+        conversion, :func:`~bitflow.quant.to_bitlinear`, carries forward hooks over). Raises ``ValueError`` for a non-``nn.Linear`` or invalid options.
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
@@ -307,17 +337,6 @@ class BitLinear(nn.Linear):
         return ", ".join(parts)
 
 
-_DEFAULT_OPTIONS = dict(
-    weight_scale="absmean",
-    granularity="tensor",
-    group_size=None,
-    weight_bits=None,
-    act_bits=8,
-    act_qmax=None,
-    input_norm=None,
-    eps=QF.DEFAULT_EPS,
-)
-_OPTION_NAMES = frozenset(_DEFAULT_OPTIONS)
 
 
 def _bitlinears(module: nn.Module) -> list[BitLinear]:

@@ -5,55 +5,43 @@ at step t0: the same weight/bias tensors continue as the latent weights of BitLi
 very same ``Parameter`` objects (same ``id()``), so an optimizer built on the 16-bit model keeps its state, and a
 weight tied between ``lm_head`` and the token embedding stays tied.
 
-Name filters are fnmatch globs (``fnmatch.fnmatchcase``: ``*`` also matches dots) on the fully qualified module
-name, as ``model.named_modules()`` spells it. A pattern matches a name if it matches the whole name or a
-dot-separated suffix of it: ``"lm_head"`` matches ``"lm_head"`` and ``"model.lm_head"``; ``"mlp.*"`` matches
-``"layers.0.mlp.w1"``; ``"layers.*.attn.wq"`` matches ``"layers.3.attn.wq"``.
+Layer selection (include/exclude globs) is :func:`bitflow.quant.select.select_layers`, shared by every recipe.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch.nn as nn
 
 from bitflow.quant.bitlinear import _DEFAULT_OPTIONS, _OPTION_NAMES, BitLinear, _validate_options
+from bitflow.quant.select import first_names, match_name, replace_modules, select_layers
 
-__all__ = ["match_name", "to_bitlinear", "to_linear"]
-
-# nn.MultiheadAttention reads its out_proj's weight directly, so swapping that module would change nothing
-_SKIPPED_LINEAR_TYPES = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
+__all__ = ["bitlinear_targets", "match_name", "to_bitlinear", "to_linear"]
 
 
-def _patterns(name: str, patterns: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return (patterns,)
-    out = tuple(patterns)
-    bad = [p for p in out if not isinstance(p, str) or not p]
-    if bad:
-        raise ValueError(f"{name} must be a list of non-empty name patterns (fnmatch globs), got {bad!r}")
-    return out
+def bitlinear_targets(
+    model: nn.Module,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = ("lm_head",),
+    *,
+    key: str = "quant",
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, nn.Linear)`` pairs :func:`to_bitlinear` would convert; changes nothing (a recipe's ``plan``).
 
-
-def match_name(name: str, patterns: Sequence[str]) -> bool:
-    """Whether the qualified module ``name`` matches any fnmatch glob, as the whole name or a ``.``-suffix of it."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
-
-
-def _replace_modules(model: nn.Module, new: dict[int, nn.Module]) -> None:
-    """Put ``new[id(old)]`` in every slot that holds ``old`` (a module may be registered under several names)."""
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in new:
-                setattr(parent, child_name, new[id(child)])
-
-
-def _first_names(model: nn.Module, kind: type | tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    """(first qualified name, module) of every module of ``kind``, in module order, each module once."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kind) and name]
+    Layers that are already BitLinear are not candidates. Raises ``ValueError`` when the filters select nothing.
+    """
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "to_bitlinear converts the Linear layers inside a model; for one layer use BitLinear.from_linear"
+        )
+    try:
+        return select_layers(model, nn.Linear, include, exclude, skip=BitLinear, tied_together=False, key=key)
+    except ValueError as e:
+        already = len(first_names(model, BitLinear))
+        if already and "match no" in str(e):
+            raise ValueError(f"{e}; {already} layer(s) are already BitLinear") from None
+        raise
 
 
 def to_bitlinear(
@@ -71,42 +59,18 @@ def to_bitlinear(
     starts at full strength 1.0 (see :func:`~bitflow.quant.set_strength`). Layers that are already BitLinear are left
     as they are.
 
-    Returns the qualified names converted, in module order. Raises ``ValueError`` for invalid options or when the
-    filters select no layer (the message lists the patterns and some available Linear names); nothing is changed
-    then.
+    Returns the qualified names converted, in module order. Forward hooks of a converted layer move to its
+    BitLinear. Raises ``ValueError`` for invalid options or when the filters select no layer (the message lists the
+    patterns and some available Linear names); nothing is changed then.
     """
-    inc = _patterns("include", include)
-    exc = _patterns("exclude", exclude) or ()
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise ValueError(f"unknown BitLinear option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}")
-    if isinstance(model, nn.Linear):
-        raise ValueError(
-            "to_bitlinear converts the Linear layers inside a model; for one layer use BitLinear.from_linear"
-        )
-
-    linears = [
-        (name, m)
-        for name, m in _first_names(model, nn.Linear)
-        if not isinstance(m, BitLinear) and not isinstance(m, _SKIPPED_LINEAR_TYPES)
-    ]
-    targets = [
-        (name, m)
-        for name, m in linears
-        if (inc is None or match_name(name, inc)) and not match_name(name, exc)
-    ]
-    if not targets:
-        available = [name for name, _ in linears][:8]
-        already = len(_first_names(model, BitLinear))
-        raise ValueError(
-            f"to_bitlinear: include={list(inc) if inc is not None else None} exclude={list(exc)} match no nn.Linear "
-            f"layer of {type(model).__name__}; available Linear layers (first {len(available)}): {available}"
-            + (f"; {already} layer(s) are already BitLinear" if already else "")
-        )
+    targets = bitlinear_targets(model, include, exclude, key="")
     full = {**_DEFAULT_OPTIONS, **options}
     for _, m in targets:  # validate every layer before touching any
         _validate_options(m.in_features, **full)
-    _replace_modules(model, {id(m): BitLinear.from_linear(m, **options) for _, m in targets})
+    replace_modules(model, {id(m): BitLinear.from_linear(m, **options) for _, m in targets})
     return [name for name, _ in targets]
 
 
@@ -117,7 +81,7 @@ def to_linear(model: nn.Module) -> list[str]:
     """
     if isinstance(model, BitLinear):
         raise ValueError("to_linear converts the BitLinear layers inside a model, not a bare BitLinear")
-    found = _first_names(model, BitLinear)
+    found = first_names(model, BitLinear)
     if not found:
         raise ValueError(f"to_linear: {type(model).__name__} contains no BitLinear layer")
     new = {}
@@ -129,5 +93,5 @@ def to_linear(model: nn.Module) -> list[str]:
         linear.bias = m.bias
         linear.train(m.training)
         new[id(m)] = linear
-    _replace_modules(model, new)
+    replace_modules(model, new)
     return [name for name, _ in found]

@@ -92,12 +92,12 @@ def _check_grouping(w: Tensor, granularity: str, group_size: int | None) -> None
         _check_group_size(group_size, w.shape[1])
 
 
-def _check_group_size(group_size: object, in_features: int) -> None:
+def _check_group_size(group_size: object, in_features: int | None) -> None:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(
-            f"granularity='group' needs a positive int group_size, got group_size={group_size!r}"
+            f"group_size={group_size!r} is not allowed with granularity='group'; allowed: a positive int"
         )
-    if in_features % group_size != 0:
+    if in_features is not None and in_features % group_size != 0:
         raise ValueError(
             f"group_size={group_size} does not divide in_features={in_features}; "
             "choose a group_size that divides the number of input features"

@@ -61,6 +61,7 @@ def test_monitor_logs_scalars_and_histograms_of_a_ternary_run(tiny_overrides: li
     run_training(compose([
         *tiny_overrides,
         "trainer.max_steps=8",
+        "quant=ternary",
         "transition=default",
         "transition.at=3",
         "callbacks.quant_monitor.per_layer_every_n_steps=4",

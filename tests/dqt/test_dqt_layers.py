@@ -17,7 +17,7 @@ from bitflow.quant.dqt import (
     init_codes,
     to_dqt,
 )
-from bitflow.quant.state import apply_quant_state, capture_quant_state
+from bitflow.quant.recipes import recipe_from_config
 
 LINEARS = [f"layers.{i}.{m}" for i in range(2) for m in
            ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")]
@@ -145,18 +145,24 @@ def test_untied_embedding_option():
 
 def test_quant_state_rebuilds_the_layers_on_a_fresh_model():
     model = tiny()
-    to_dqt(model, include=["*.mlp.*"], bits=3, act_bits=None, scale_update="fixed")
-    state = capture_quant_state(model)
+    recipe = recipe_from_config({"recipe": "dqt", "include": ["*.mlp.*"], "bits": 3, "act_bits": None,
+                                 "scale_update": "fixed"})
+    assert recipe.state(model) is None
+    recipe.convert(model)
+    state = recipe.state(model)
     assert state == {"kind": "dqt", "layers": [n for n in LINEARS if ".mlp." in n],
                      "options": {"bits": 3, "act_bits": None, "act_qmax": None, "scale_update": "fixed",
                                  "eps": 1e-5}}
     fresh = tiny()
-    assert apply_quant_state(fresh, state) == state["layers"]
+    with pytest.raises(ValueError, match="the checkpoint's DQT options .* differ from this run's quant config"):
+        recipe_from_config({"recipe": "dqt", "bits": 4}).restore(fresh, state)
+    assert not dqt_modules(fresh)
+    assert recipe.restore(fresh, state) == state["layers"]
     fresh.load_state_dict(model.state_dict())
     for name in state["layers"]:
         assert torch.equal(fresh.get_submodule(name).codes, model.get_submodule(name).codes)
         assert fresh.get_submodule(name).options() == model.get_submodule(name).options()
-    assert apply_quant_state(fresh, state) == state["layers"]  # idempotent
+    assert recipe.restore(fresh, state) == state["layers"]  # idempotent
 
 
 @pytest.mark.parametrize(
@@ -167,7 +173,7 @@ def test_quant_state_rebuilds_the_layers_on_a_fresh_model():
         (dict(scale_update="mean"), "scale_update='mean'"),
         (dict(init_scale="median"), "init_scale='median'"),
         (dict(act_bits=None, act_qmax=128), "act_qmax=128 needs activation quantization"),
-        (dict(include=["nothing.*"]), "match no Linear layer"),
+        (dict(include=["nothing.*"]), "match no nn.Linear layer"),
     ],
 )
 def test_bad_options_raise_before_anything_changes(kwargs, match):
@@ -198,11 +204,11 @@ def test_a_model_cast_to_bf16_runs_in_bf16_and_keeps_the_scale_float32():
 @pytest.mark.slow
 def test_torch_compile_trains_dqt_layers():
     from bitflow.lm import param_groups
-    from bitflow.quant.dqt import build_adamw
+    from bitflow.quant.dqt import DQTAdamW
 
     model = tiny()
     to_dqt(model)
-    opt = build_adamw(model, param_groups(model, 0.1), lr=1e-2, dqt={"seed": 0})
+    opt = DQTAdamW.for_model(model, param_groups(model, 0.1), lr=1e-2, **{"seed": 0})
     compiled = torch.compile(model)
     x = torch.randint(0, 48, (2, 9))
     before = model.layers[0].mlp.w1.codes.clone()

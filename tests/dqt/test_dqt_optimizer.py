@@ -14,7 +14,6 @@ from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.quant.dqt import (
     DQTAdamW,
     DQTLinear,
-    build_adamw,
     dqt_modules,
     stochastic_round_bf16,
     to_dqt,
@@ -53,7 +52,7 @@ def layer_with_grad(codes: list[list[int]], scale: float, grad: list[list[float]
 def test_every_weight_is_on_the_grid_after_every_step(bits):
     model = tiny()
     to_dqt(model, bits=bits)
-    opt = build_adamw(model, param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95), dqt={"seed": 0})
+    opt = DQTAdamW.for_model(model, param_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95), **{"seed": 0})
     assert isinstance(opt, DQTAdamW)
     qn, qp = (-1, 1) if bits is None else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     before = {name: m.codes.clone() for name, m in dqt_modules(model)}
@@ -136,7 +135,7 @@ def test_a_fine_grid_gives_the_plain_adamw_step_within_one_grid_step():
 def test_gradient_clipping_over_the_param_groups_covers_the_dqt_gradients():
     model = tiny()
     to_dqt(model)
-    opt = build_adamw(model, param_groups(model, 0.1), lr=1e-3, dqt={"seed": 0})
+    opt = DQTAdamW.for_model(model, param_groups(model, 0.1), lr=1e-3, **{"seed": 0})
     x = torch.randint(0, 48, (4, 12))
     model(x[:, :-1]).float().pow(2).mean().backward()
     leaves = [m._slot.leaf for _, m in dqt_modules(model)]
@@ -153,11 +152,11 @@ def test_state_dict_round_trip_continues_exactly_including_the_rounding_noise():
     x = torch.randint(0, 48, (4, 12))
     model = tiny()
     to_dqt(model, bits=4)
-    opt = build_adamw(model, param_groups(model, 0.1), lr=3e-3, dqt={"seed": 5, "moment_dtype": "bfloat16"})
+    opt = DQTAdamW.for_model(model, param_groups(model, 0.1), lr=3e-3, **{"seed": 5, "moment_dtype": "bfloat16"})
     for _ in range(2):
         train_step(model, opt, x)
     twin = copy.deepcopy(model)
-    twin_opt = build_adamw(twin, param_groups(twin, 0.1), lr=3e-3, dqt={"seed": 999, "moment_dtype": "bfloat16"})
+    twin_opt = DQTAdamW.for_model(twin, param_groups(twin, 0.1), lr=3e-3, **{"seed": 999, "moment_dtype": "bfloat16"})
     sd = opt.state_dict()
     assert set(sd["dqt"]["state"]) == {name for name, _ in dqt_modules(model)}
     assert sd["dqt"]["state"]["layers.0.attn.wq"]["exp_avg"].dtype == torch.bfloat16

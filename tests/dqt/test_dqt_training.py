@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from bitflow.callbacks.dqt import DirectQuantizedTraining, dqt_metrics, resolve_switch_step, step_flip_rate
+
 from bitflow.cli import build_callbacks, run_training
 from bitflow.lm import load_checkpoint
 from bitflow.quant.dqt import DQTLinear, to_dqt

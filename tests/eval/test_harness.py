@@ -170,14 +170,13 @@ def test_checkpoint_restores_the_same_model(tiny_lm, tiny_tokenizer, tiny_run_ch
 
 
 def test_ternary_checkpoint_restores_the_quantization_state(tiny_tokenizer, tmp_path: Path):
-    from bitflow.quant import to_bitlinear
-    from bitflow.quant.state import capture_quant_state
+    from bitflow.quant.recipes import recipe_from_config
 
     lm16 = make_lm(tiny_tokenizer, seed=1)
     fp16 = BitflowLM(model=lm16, tokenizer=tiny_tokenizer).loglikelihood(_requests("loglikelihood", PAIRS))
-    names = to_bitlinear(lm16.model)
+    lm16.quant_recipe = recipe_from_config({"recipe": "bitlinear"})
+    names = lm16.quant_recipe.convert(lm16.model).names
     assert names and "lm_head" not in names
-    lm16.quant_state = capture_quant_state(lm16.model)
     ternary = BitflowLM(model=lm16, tokenizer=tiny_tokenizer).loglikelihood(_requests("loglikelihood", PAIRS))
     path = save_checkpoint(lm16, tmp_path / "ternary.ckpt")
     loaded = BitflowLM(ckpt=str(path), device="cpu")

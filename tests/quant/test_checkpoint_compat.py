@@ -24,11 +24,12 @@ RECORD = json.loads((FIXTURES / "overrides.json").read_text())
 
 # today's spelling of each fixture run's configuration (RECORD["runs"] holds the spelling of the day it was made)
 TODAY = {
-    "fp16": ["transition=none"],
+    "fp16": ["quant=none"],
     "bitlinear_phase_in": [
-        "transition=default", "transition.at=3", "transition.phase_in=linear", "transition.phase_in_steps=6",
+        "quant=ternary", "transition=default", "transition.at=3", "transition.phase_in=linear",
+        "transition.phase_in_steps=6",
     ],
-    "dqt_ternary": ["+dqt=ternary", "dqt.at=3"],
+    "dqt_ternary": ["quant=dqt_ternary", "transition=default", "transition.at=3"],
 }
 LINEARS = [f"layers.{i}.{m}" for i in range(2) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")]
 
