@@ -91,6 +91,7 @@ def test_every_experiment_composes_and_instantiates(name: str, tiny_overrides: l
         model={**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": 320},
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        quant=OmegaConf.to_container(cfg.quant, resolve=True),
     )
     assert isinstance(lm.model, Llama)
     callbacks = build_callbacks(cfg)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from bitflow.callbacks import PrecisionTransition
 from bitflow.cli import CONFIG_DIR, build_callbacks
@@ -19,6 +18,7 @@ from tests.helpers import TINY, bitflow_env, compose, read_scalars
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # the 16-bit -> 1.58-bit study: experiment -> number of runs of `bitflow +experiment=X -m`
 STUDY = {
+    "study": 1,
     "fp16_baseline": 1,
     "ternary_scratch": 1,
     "transition_20pct": 4,
@@ -48,6 +48,10 @@ def _sweep(cfg) -> dict[str, list]:
 def test_the_study_is_complete_and_runs_on_one_budget():
     assert set(STUDY) <= set(EXPERIMENTS)
     assert {compose([f"+experiment={name}", "paths.output_dir=."]).trainer.max_steps for name in STUDY} == {350}
+    # one base file holds the budget; the study experiments inherit it
+    assert [p.name for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if "max_steps" in p.read_text()] == [
+        "study.yaml"
+    ]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -56,16 +60,20 @@ def test_experiment_composes_and_builds(name: str, tiny_overrides: list[str]):
     cfg = compose([f"+experiment={name}", *tiny_overrides])
     assert cfg.task_name == name
     transitions = [c for c in build_callbacks(cfg) if isinstance(c, PrecisionTransition)]
-    if name not in STUDY:
+    if name == "dqt_vs_ste":  # a one-axis sweep over what the model is quantized to
+        assert sweep == {"quant": ["none", "ternary", "dqt_ternary", "dqt_int8"]}
+    elif name not in STUDY:
         return  # another study's experiment: it composes and builds its callbacks
-    assert math.prod(len(v) for v in sweep.values()) == STUDY[name]
+    else:
+        assert math.prod(len(v) for v in sweep.values()) == STUDY[name]
     if name == "fp16_baseline":
-        assert transitions == []
+        assert transitions == [] and cfg.quant.recipe == "none"
         return
-    (transition,) = transitions
     if name == "ternary_scratch":
-        assert transition.at == 0
+        (transition,) = transitions
+        assert transition.at == 0 and cfg.quant.recipe == "bitlinear"  # quant=ternary alone: from step 0
     elif name.endswith("pct"):
+        (transition,) = transitions
         assert transition.at == int(name.split("_")[1][:-3]) / 100
         assert sweep == {"transition.optimizer_state": ["keep", "reset"], "transition.phase_in": ["none", "tanh"]}
         assert transition.lr_rewarmup_steps == cfg.scheduler.warmup_steps
@@ -73,11 +81,12 @@ def test_experiment_composes_and_builds(name: str, tiny_overrides: list[str]):
         assert sweep == {"transition.at": [None, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
     elif name == "phase_in_sweep":
         assert sweep == {"transition.phase_in": ["none", "linear", "tanh", "sigmoid", "exp", "cosine"]}
-    # every swept combination is a valid transition
-    base = OmegaConf.to_container(cfg.transition, resolve=True)
-    base.pop("_target_")
+    # every swept combination is a valid run: its quant and transition build (and are checked) as bitflow does
     for combo in itertools.product(*sweep.values()):
-        PrecisionTransition(**{**base, **{k.split(".", 1)[1]: v for k, v in zip(sweep, combo, strict=True)}})
+        overrides = [f"{k}={'null' if v is None else v}" for k, v in zip(sweep, combo, strict=True)]
+        run = compose([f"+experiment={name}", *tiny_overrides, *overrides])
+        built = [c for c in build_callbacks(run) if isinstance(c, PrecisionTransition)]
+        assert len(built) == (0 if run.quant.recipe == "none" else 1), combo
 
 
 def _multirun(name: str, tmp_path: Path, cache_dir: Path, extra: list[str]) -> list[Path]:
@@ -107,11 +116,12 @@ def _check_runs(name: str, runs: list[Path], max_steps: int, expected_runs: int)
         if name not in STUDY:
             continue
         at = _overrides(run).get("transition.at")
-        if name == "fp16_baseline" or at == "null":
+        if name in ("study", "fp16_baseline") or at == "null":
             assert "quant/zero_fraction" not in scalars
             continue
         assert sorted(dict(scalars["quant/lambda"])) == list(range(max_steps))
         assert "quant/zero_fraction" in scalars and "quant/weight_scale" in scalars
+        assert len(scalars["quant/switch_step"]) == 1  # what bitflow-report reads
         if name != "ternary_scratch" and at != "0":  # a spike needs 16-bit steps before the switch
             assert "transition/spike" in scalars
 

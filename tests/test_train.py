@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from bitflow.cli import run_training
 from tests.helpers import TINY, bitflow_env, compose, read_scalars
@@ -125,3 +126,28 @@ def test_two_process_ddp_on_cpu(tmp_path: Path, cache_dir: Path):
     assert dict(scalars["train/tokens_seen"])[11] == 12 * 2 * 4 * 32
     assert "val/loss" in scalars
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+class FailSavesFrom(Callback):
+    """Puts an unpicklable value into every checkpoint from global step ``step`` on: ``torch.save`` then fails
+    mid-write, as a full disk or a killed job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step >= self.step:
+            checkpoint["unpicklable"] = lambda: None
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_last_ckpt_intact(tiny_overrides: list[str], tmp_path: Path):
+    cfg = compose([*tiny_overrides, "trainer.max_steps=6", "trainer.val_check_interval=3",
+                   "+callbacks.model_checkpoint.every_n_train_steps=3",
+                   "+callbacks.fail._target_=tests.test_train.FailSavesFrom", "+callbacks.fail.step=6"])
+    with pytest.raises(Exception, match="(?i)pickle"):
+        run_training(cfg)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 3  # the checkpoint of step 3, whole
+    assert "unpicklable" not in last
+    assert not [p.name for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers

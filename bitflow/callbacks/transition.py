@@ -35,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from bitflow.callbacks.spike import SpikeTracker
@@ -221,6 +222,7 @@ class PrecisionTransition(Callback):
                 pl_module.lr_wrappers.append(self._lr_wrap)
         if t0 > 0:
             self._tracker = SpikeTracker(t0, self.spike_window, self.recovery_smoothing)
+            _check_ddp(trainer, recipe)
         root = model_root(pl_module)
         if recipe.converted(root):
             return  # fitting again a module that already switched
@@ -228,7 +230,7 @@ class PrecisionTransition(Callback):
             self._switch(trainer, pl_module, 0)
         else:
             names = recipe.plan(root)
-            log.info("precision transition at step %d: %d layers will be converted by %s", t0, len(names), recipe)
+            log.info("precision transition at step %d: %d layers will be converted by %s", t0, len(names), recipe.name)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         wrappers = getattr(pl_module, "lr_wrappers", None)
@@ -336,6 +338,17 @@ class PrecisionTransition(Callback):
             )
         if self._tracker is not None and state_dict.get("tracker") is not None:
             self._tracker.load_state_dict(state_dict["tracker"])
+
+
+def _check_ddp(trainer: L.Trainer, recipe: QuantRecipe) -> None:
+    """A mid-run switch that removes Parameters (DQT) needs DDP to tolerate Parameters without gradients."""
+    if recipe.keeps_parameters or trainer.world_size == 1 or not isinstance(trainer.strategy, DDPStrategy):
+        return
+    if not getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+        raise ValueError(
+            f"a mid-run switch to quant.recipe={recipe.name!r} under DDP removes the float weights that DDP "
+            "synchronises; use trainer.strategy=ddp_find_unused_parameters_true (or transition.at=0)"
+        )
 
 
 class _RewarmupWrap:

@@ -87,6 +87,8 @@ class QuantRecipe(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type[QuantOptions]] = QuantOptions
     supports_phase_in: ClassVar[bool] = False
+    # whether convert keeps every Parameter (BitLinear) or removes some (DQT drops the float weights)
+    keeps_parameters: ClassVar[bool] = True
 
     def __init__(self, options: QuantOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

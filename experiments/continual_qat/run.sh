@@ -9,7 +9,7 @@ COMMON=(model.d_model=96 model.n_layers=2 model.n_heads=4 model.d_ff=256 model.m
         +callbacks.lm_eval._target_=bitflow.eval.LMEvalCallback +callbacks.lm_eval.every_n_steps=300
         +callbacks.lm_eval.limit=200)
 # when to switch: never (16-bit), from the start (1.58-bit), at 20%, 50%, 80%; optimizer state kept, no phase-in
-bitflow -m transition=default transition.at=null,0,0.2,0.5,0.8 "${COMMON[@]}" hydra.sweep.dir="$OUT/when"
+bitflow -m quant=ternary transition=default transition.at=null,0,0.2,0.5,0.8 "${COMMON[@]}" hydra.sweep.dir="$OUT/when"
 # how to switch at 50%: optimizer state keep/reset x phase-in none/tanh (conf/experiment/transition_50pct.yaml)
 bitflow -m +experiment=transition_50pct "${COMMON[@]}" hydra.sweep.dir="$OUT/how"
 bitflow-report "$OUT/when" "$OUT/how" --out "$(dirname "$0")"

@@ -1,4 +1,4 @@
-"""DQT through the real Hydra configs, Lightning Trainer, checkpoints and TensorBoard files."""
+"""DQT through the real Hydra configs, Lightning Trainer, checkpoints and TensorBoard files (quant=dqt_*)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from bitflow.callbacks.dqt import DirectQuantizedTraining, dqt_metrics, resolve_switch_step, step_flip_rate
 
+from bitflow.callbacks import PrecisionTransition
 from bitflow.cli import build_callbacks, run_training
 from bitflow.lm import load_checkpoint
-from bitflow.quant.dqt import DQTLinear, to_dqt
+from bitflow.quant.dqt import DQTLinear
+from bitflow.quant.recipes import recipe_from_config
 from tests.helpers import TINY, bitflow_env, compose, read_scalars
 
 CKPT_EVERY_6 = [
@@ -28,7 +29,7 @@ def _load(path: Path) -> dict:
 
 def test_switch_to_dqt_mid_run_and_resume_gives_the_same_weights(tiny_overrides: list[str], tmp_path: Path):
     # 16-bit for 3 steps, then ternary DQT keeping the AdamW moments, bf16 moments (stochastically rounded)
-    dqt = ["+dqt=ternary", "dqt.at=3", "dqt.moment_dtype=bfloat16", *CKPT_EVERY_6]
+    dqt = ["quant=dqt_ternary", "transition=default", "transition.at=3", "quant.moment_dtype=bfloat16", *CKPT_EVERY_6]
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     run_training(compose([*tiny_overrides, *dqt, f"paths.output_dir={full_dir}"]))
     at6 = full_dir / "checkpoints" / "step6.ckpt"
@@ -53,6 +54,8 @@ def test_switch_to_dqt_mid_run_and_resume_gives_the_same_weights(tiny_overrides:
     assert all(torch.equal(a["rng"][d], b["rng"][d]) for d in a["rng"])
 
     scalars = read_scalars(full_dir / "tb")
+    assert scalars["quant/switch_step"] == [(3, 3.0)]
+    assert "transition/spike" in scalars  # a mid-run DQT switch is tracked like BitLinear's
     flips = dict(scalars["quant/flip_rate"])
     assert min(flips) == 3 and max(flips) == 11  # logged from the switch on (log_every_n_steps=1)
     assert all(0 <= v <= 1 for v in flips.values())
@@ -61,8 +64,8 @@ def test_switch_to_dqt_mid_run_and_resume_gives_the_same_weights(tiny_overrides:
 
 
 def test_reset_starts_fresh_dqt_moments(tiny_overrides: list[str], tmp_path: Path):
-    run_training(compose([*tiny_overrides, "+dqt=int8", "dqt.at=0.5", "dqt.optimizer_state=reset",
-                          "trainer.max_steps=4", "trainer.val_check_interval=4"]))
+    run_training(compose([*tiny_overrides, "quant=dqt_int8", "transition=default", "transition.at=0.5",
+                          "transition.optimizer_state=reset", "trainer.max_steps=4", "trainer.val_check_interval=4"]))
     ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     state = ckpt["optimizer_states"][0]
     assert {float(s["step"]) for s in state["dqt"]["state"].values()} == {2.0}  # steps 2 and 3 only
@@ -78,53 +81,87 @@ def test_reset_starts_fresh_dqt_moments(tiny_overrides: list[str], tmp_path: Pat
         assert torch.isfinite(lm(torch.randint(0, 320, (1, 8)))).all()
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(bits=9), "bits=9"),
-        (dict(at=1.5), "at=1.5 is outside \\(0, 1\\)"),
-        (dict(at=-2), "at=-2 is negative"),
-        (dict(moment_dtype="float16"), "moment_dtype='float16'"),
-        (dict(optimizer_state="drop"), "optimizer_state='drop'"),
-        (dict(init_scale="median"), "init_scale='median'"),
-        (dict(every_n_steps=-1), "every_n_steps=-1"),
-    ],
-)
-def test_bad_dqt_options_fail_when_the_callback_is_built(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        DirectQuantizedTraining(**kwargs)
-
-
 def test_logged_statistics_by_hand():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(6, 1))
-    assert to_dqt(model) == ["0", "1"]
+    recipe = recipe_from_config({"recipe": "dqt", "exclude": None})
+    assert recipe.convert(model).names == ["0", "1"]
     model[0].codes.copy_(torch.tensor([[1, 0], [-1, 0]]))
     model[1].codes.copy_(torch.tensor([[1, 1, 1, 0, 0, -1]]))
     model[0].scale.fill_(0.5)
     model[1].scale.fill_(1.5)
-    # 10 weights: two at -1, four at 0, four at 1; one flip in layer 0 and three in layer 1: 4 / 10
-    rate = step_flip_rate(model, {"0": torch.tensor(1), "1": torch.tensor(3)})
-    assert float(rate) == pytest.approx(0.4)
-    metrics = dqt_metrics(model, rate)
-    assert metrics == pytest.approx({"dqt/level_share/-1": 0.2, "dqt/level_share/0": 0.4, "dqt/level_share/1": 0.4,
-                                     "dqt/scale": 1.0, "quant/flip_rate": 0.4})
-    assert "quant/flip_rate" not in dqt_metrics(model)
+    # 10 weights: two at -1, four at 0, four at 1
+    metrics = recipe.metrics(model)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())  # device-side, no sync
+    assert {k: float(v) for k, v in metrics.items()} == pytest.approx(
+        {"dqt/level_share/-1": 0.2, "dqt/level_share/0": 0.4, "dqt/level_share/1": 0.4, "dqt/scale": 1.0})
 
 
-def test_switch_step_resolution():
-    assert resolve_switch_step(0, 100) == 0 and resolve_switch_step(None, 100) is None
-    assert resolve_switch_step(0.25, 100) == 25 and resolve_switch_step(40, 100) == 40
-    with pytest.raises(ValueError, match="at=100 is step 100, outside the run"):
-        resolve_switch_step(100, 100)
+def test_quant_alone_trains_dqt_from_the_first_step(tiny_overrides: list[str], tmp_path: Path):
+    cfg = compose([*tiny_overrides, "quant=dqt_int8", "quant.bits=4", "trainer.max_steps=3",
+                   "trainer.val_check_interval=3"])
+    (cb,) = [c for c in build_callbacks(cfg) if isinstance(c, PrecisionTransition)]
+    assert cb.at == 0
+    run_training(cfg)
+    ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["bitflow"]["quant"]["options"]["bits"] == 4
+    assert ckpt["hyper_parameters"]["quant"]["recipe"] == "dqt"
+    assert read_scalars(tmp_path / "run" / "tb")["quant/switch_step"] == [(0, 0.0)]
 
 
-def test_experiments_compose_with_any_width(cache_dir: Path, tmp_path: Path):
-    cfg = compose([*TINY, "+experiment=dqt_int8", "dqt.bits=4", f"paths.output_dir={tmp_path}"])
-    assert cfg.task_name == "dqt_int4"
-    (cb,) = [c for c in build_callbacks(cfg) if isinstance(c, DirectQuantizedTraining)]
-    assert cb.options["bits"] == 4 and cb.at == 0 and cb.exclude == ["lm_head"]
-    cfg = compose([*TINY, "+experiment=dqt_ternary", f"paths.output_dir={tmp_path}"])
-    assert cfg.task_name == "dqt_ternary" and cfg.dqt.bits is None and "_target_" not in cfg.transition
+def test_dqt_with_gradient_accumulation_in_a_real_trainer(tiny_overrides: list[str], tmp_path: Path):
+    # two micro-batches per optimizer step: the leaf of a step collects both gradients, then one DQT step
+    run_training(compose([*tiny_overrides, "quant=dqt_ternary", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                          "trainer.accumulate_grad_batches=2", "transition=default", "transition.at=1",
+                          "transition.spike_window=1"]))
+    ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    dqt = ckpt["optimizer_states"][0]["dqt"]["state"]
+    assert len(dqt) == 14 and {float(s["step"]) for s in dqt.values()} == {3.0}  # kept: 1 AdamW + 2 DQT steps
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    assert scalars["quant/switch_step"] == [(1, 1.0)]  # once, although two micro-batches start step 1
+    assert sorted(dict(scalars["quant/flip_rate"])) == [1, 2]
+
+
+def test_dqt_under_fp16_mixed_precision(tiny_overrides: list[str], tmp_path: Path):
+    # fp16 autocast + GradScaler: the DQT leaves are float32 so that the scaler can unscale their gradients
+    run_training(compose([*tiny_overrides, "quant=dqt_ternary", "trainer.precision=16-mixed", "trainer.max_steps=4",
+                          "trainer.val_check_interval=4"]))
+    ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    codes = ckpt["state_dict"]["model.layers.0.mlp.w1.codes"]
+    assert codes.dtype == torch.int8 and set(codes.unique().tolist()) <= {-1, 0, 1}
+    assert all(float(s["step"]) == 4 for s in ckpt["optimizer_states"][0]["dqt"]["state"].values())
+    loss = [v for _, v in sorted(read_scalars(tmp_path / "run" / "tb")["train/loss"])]
+    assert len(loss) == 4 and all(torch.isfinite(torch.tensor(loss)))
+
+
+@pytest.mark.slow
+def test_dqt_under_two_process_ddp(tmp_path: Path, cache_dir: Path):
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    command = ["bitflow", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               "trainer.precision=32-true", "trainer.max_steps=6", "quant=dqt_ternary", "transition=default",
+               "transition.at=2"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], cwd=tmp_path, env=bitflow_env(cache_dir), capture_output=True,
+                              text=True, timeout=600)
+
+    # the switch removes the float weights DDP synchronises: refused before the first step, with the fix
+    proc = run(f"hydra.run.dir={tmp_path / 'refused'}")
+    assert proc.returncode != 0
+    assert "use trainer.strategy=ddp_find_unused_parameters_true" in proc.stderr
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+    proc = run("trainer.strategy=ddp_find_unused_parameters_true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    msg = "precision transition at step 2: 14 layers converted by dqt"
+    assert proc.stderr.count(msg) + proc.stdout.count(msg) == 2, proc.stderr[-4000:]  # both ranks switch
+    ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6 and ckpt["bitflow"]["quant"]["kind"] == "dqt"
+    assert {float(s["step"]) for s in ckpt["optimizer_states"][0]["dqt"]["state"].values()} == {6.0}
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    assert scalars["quant/switch_step"] == [(2, 2.0)]
+    assert "transition/spike" in scalars
+    assert all(torch.isfinite(torch.tensor([v for _, v in scalars["val/loss"]])))
 
 
 @pytest.mark.slow
@@ -136,7 +173,7 @@ def test_dqt_vs_ste_multirun(tmp_path: Path, cache_dir: Path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
-    assert runs == ["0_none", "1_ste_ternary", "2_ternary", "3_int8"]
+    assert runs == ["0_none", "1_ternary", "2_dqt_ternary", "3_dqt_int8"]
     val = {}
     for run in runs:
         scalars = read_scalars(sweep / run / "tb")
@@ -144,13 +181,15 @@ def test_dqt_vs_ste_multirun(tmp_path: Path, cache_dir: Path):
         train = [v for _, v in sorted(scalars["train/loss"])]
         assert len(train) == 12 and train[-1] < train[0], run
         quant = _load(sweep / run / "checkpoints" / "last.ckpt")["bitflow"]["quant"]
-        if run.endswith(("_ternary", "_int8")) and run != "1_ste_ternary":
+        if "dqt" in run:
             assert quant["kind"] == "dqt" and "quant/flip_rate" in scalars
-            levels = [-1, 0, 1] if run == "2_ternary" else [-128, 0, 127]
+            levels = [-1, 0, 1] if run == "2_dqt_ternary" else [-128, 0, 127]
             assert all(f"dqt/level_share/{c}" in scalars for c in levels)
-            assert quant["options"]["bits"] == (None if run == "2_ternary" else 8)
-        elif run == "1_ste_ternary":
+            assert quant["options"]["bits"] == (None if run == "2_dqt_ternary" else 8)
+        elif run == "1_ternary":
             assert quant["kind"] == "bitlinear" and "quant/zero_fraction" in scalars
         else:
             assert quant is None and "quant/flip_rate" not in scalars
+        # every quantized run says where it switched (step 0): the report labels it from this
+        assert scalars.get("quant/switch_step") == (None if run == "0_none" else [(0, 0.0)])
     assert all(3.0 < v < 7.0 for v in val.values()), val  # ln(320) = 5.77 at the start: all four trained

@@ -78,6 +78,7 @@ class DQTRecipe(QuantRecipe):
 
     name = "dqt"
     Options = DQTQuant
+    keeps_parameters = False
     options: DQTQuant
 
     def plan(self, model: nn.Module) -> list[str]:
