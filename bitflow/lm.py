@@ -30,8 +30,8 @@ from bitflow.quant.recipes import recipe_for_state, recipe_from_config
 from bitflow.schedules import LRSchedule
 
 __all__ = [
-    "CHECKPOINT_KEY", "LanguageModel", "load_checkpoint", "model_root", "param_groups", "read_checkpoint",
-    "recipe_config_of",
+    "CHECKPOINT_KEY", "LanguageModel", "default_optimizer_config", "load_checkpoint", "model_root", "param_groups",
+    "read_checkpoint", "recipe_config_of",
 ]
 
 
@@ -41,6 +41,17 @@ def model_root(module: nn.Module) -> nn.Module:
     use. The one unwrap helper of bitflow."""
     inner = getattr(module, "model", None)
     return inner if isinstance(inner, nn.Module) else module
+
+
+def default_optimizer_config() -> dict[str, Any]:
+    """conf/optimizer/adamw.yaml as a dict: the AdamW defaults (peak LR, betas, ...) of the CLI and of a
+    LanguageModel built in Python alike."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(str(files("bitflow.conf") / "optimizer" / "adamw.yaml")))
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -60,9 +71,8 @@ class LanguageModel(L.LightningModule):
 
     Args:
         model: ``LlamaConfig`` fields.
-        optimizer: AdamW settings: ``lr`` (required for training; bitflow's default is in
-            conf/optimizer/adamw.yaml), ``betas``, ``eps``, ``weight_decay``, ``fused`` (missing ones: torch's
-            defaults).
+        optimizer: AdamW settings: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``fused``; missing ones take
+            conf/optimizer/adamw.yaml's values (:func:`default_optimizer_config`, the one home of the defaults).
         scheduler: ``LRSchedule`` fields except ``total_steps`` (taken from the trainer's ``max_steps``).
         compile: run the model's forward through ``torch.compile``.
         tokenizer_json: the tokenizer, serialised; stored in every checkpoint so a checkpoint is self-contained.
@@ -156,12 +166,10 @@ class LanguageModel(L.LightningModule):
         return LRSchedule(total_steps=total, **self.scheduler_cfg)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = dict(self.optimizer_cfg)
-        if "lr" not in cfg:
-            raise ValueError("LanguageModel needs optimizer.lr (bitflow's default: conf/optimizer/adamw.yaml)")
+        cfg = {**default_optimizer_config(), **self.optimizer_cfg}
         if cfg.get("betas") is not None:
             cfg["betas"] = tuple(cfg["betas"])
-        groups = param_groups(self.model, cfg.pop("weight_decay", 1e-2))  # torch's AdamW default
+        groups = param_groups(self.model, cfg.pop("weight_decay"))
         if cfg.get("fused") is None:
             cfg.pop("fused", None)
         build = self.quant_recipe.build_optimizer if self.quant_recipe is not None else adamw

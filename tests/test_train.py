@@ -151,3 +151,14 @@ def test_a_failed_checkpoint_write_leaves_the_previous_last_ckpt_intact(tiny_ove
     assert last["global_step"] == 3  # the checkpoint of step 3, whole
     assert "unpicklable" not in last
     assert not [p.name for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers
+
+
+def test_the_adamw_defaults_live_in_the_optimizer_config():
+    from bitflow.lm import LanguageModel
+
+    lm = LanguageModel(model={"vocab_size": 64, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32,
+                              "max_seq_len": 16})
+    opt = lm.configure_optimizers()["optimizer"]
+    cfg = compose(["paths.output_dir=."]).optimizer
+    assert opt.defaults["lr"] == cfg.lr == 2e-3 and opt.defaults["betas"] == tuple(cfg.betas)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.weight_decay, 0.0]

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from bitflow.quant import functional as QF
+import bitflow.quant.functional as QF
 
 __all__ = ["BitLinear", "BitLinearOptions", "get_strength", "set_strength"]
 

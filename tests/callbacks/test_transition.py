@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def fit(
     max_steps: int = 10,
     scheduler: dict | None = None,
     quant: dict | None = None,
+    prepare: Callable[[LanguageModel], None] | None = None,
     **trainer_kwargs,
 ) -> tuple[Probe, LanguageModel]:
     """Train the tiny LanguageModel (recipe ``quant``, default BitLinear ternary) with ``transition`` and a probe
@@ -80,6 +82,8 @@ def fit(
         tokenizer_json=dm.tokenizer_json,
         quant=quant or {"recipe": "bitlinear"},
     )
+    if prepare is not None:
+        prepare(lm)
     probe = Probe()
     kwargs = dict(
         accelerator="cpu", devices=1, max_steps=max_steps, precision="32-true", log_every_n_steps=1,
@@ -244,6 +248,30 @@ def test_keep_switches_in_place_and_keeps_the_optimizer_state(tmp_path: Path, ca
         assert "transition/recovery_steps" not in scalars
     else:
         assert scalars["transition/recovery_steps"] == [(recovered, float(recovered - t0))]
+
+
+class HookedLinear(nn.Linear):
+    """A user's nn.Linear subclass; the planning of a mid-run switch must leave it (and its hooks) alone."""
+
+
+@pytest.mark.parametrize("quant", [{"recipe": "bitlinear"}, {"recipe": "dqt"}])
+def test_planning_keeps_linear_subclasses_and_their_hooks(quant: dict, tmp_path: Path, cache_dir: Path):
+    calls: list[int] = []
+
+    def prepare(lm: LanguageModel) -> None:
+        old = lm.model.layers[0].mlp.w1
+        layer = HookedLinear(old.in_features, old.out_features, bias=False)
+        layer.register_forward_hook(lambda m, i, o: calls.append(1))
+        lm.model.layers[0].mlp.w1 = layer
+
+    probe, lm = fit(tmp_path, cache_dir, PrecisionTransition(at=3), max_steps=5, quant=quant, prepare=prepare)
+    # before the switch the very same HookedLinear runs, with its hook: setup only planned (no convert + revert)
+    assert all(probe.start[s]["types"]["layers.0.mlp.w1"] == "HookedLinear" for s in range(3))
+    assert len(calls) >= 3
+    # from the switch on the layer is quantized, and its forward hook moved along: it fired on all 5 steps
+    expected = {"bitlinear": "BitLinear", "dqt": "DQTLinear"}[quant["recipe"]]
+    assert type(lm.model.layers[0].mlp.w1).__name__ == expected
+    assert len(calls) == 5
 
 
 def test_reset_rewarmup_and_tanh_phase_in(tmp_path: Path, cache_dir: Path):

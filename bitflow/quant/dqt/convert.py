@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from bitflow.quant import functional as QF
+import bitflow.quant.functional as QF
 from bitflow.quant.bitlinear import BitLinear
 from bitflow.quant.dqt.grid import INIT_SCALES, validate_layer_options
 from bitflow.quant.dqt.layers import DQTEmbedding, DQTLinear, DQTWeight

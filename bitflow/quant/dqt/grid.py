@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bitflow.quant import functional as QF
+import bitflow.quant.functional as QF
 
 __all__ = ["INIT_SCALES", "MOMENT_DTYPES", "SCALE_UPDATES", "dqt_qrange", "init_codes", "validate_layer_options"]
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from bitflow.quant import functional as QF
+import bitflow.quant.functional as QF
 from bitflow.quant.bitlinear import BitLinear
 from bitflow.quant.dqt.grid import dqt_qrange, init_codes, validate_layer_options
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from bitflow.quant import functional as QF
+import bitflow.quant.functional as QF
 from bitflow.quant.dqt.convert import unique_dqt_weights
 from bitflow.quant.dqt.grid import MOMENT_DTYPES
 from bitflow.quant.dqt.layers import DQTWeight

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitflow.quant import functional as QF
+import bitflow.quant.functional as QF
 from bitflow.quant.dqt import (
     INIT_SCALES,
     MOMENT_DTYPES,
