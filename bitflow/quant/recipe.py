@@ -52,10 +52,16 @@ class QuantOptions:
 
     include: tuple[str, ...] | None = None  # None = every candidate layer
     exclude: tuple[str, ...] | None = ("lm_head",)  # BitNet and DQT keep the output head in 16 bits
+    # the options a converted layer itself holds (and a checkpoint's quant state records); set by each recipe
+    LAYER_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", as_patterns("include", self.include))
         object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
+
+    def layer_options(self) -> dict[str, Any]:
+        """The keyword options of a converted layer (``LAYER_KEYS``), without the layer filter."""
+        return {k: getattr(self, k) for k in self.LAYER_KEYS}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -27,20 +27,16 @@ from bitflow.quant.select import first_names
 
 __all__ = ["BitLinearQuant", "BitLinearRecipe"]
 
-_LAYER_KEYS = tuple(f.name for f in dataclasses.fields(BitLinearOptions))
-
 
 @dataclass(frozen=True)
 class BitLinearQuant(BitLinearOptions, QuantOptions):
     """The ``bitlinear`` recipe's options: the layer filter plus :class:`~bitflow.quant.BitLinearOptions`."""
 
+    LAYER_KEYS: ClassVar[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(BitLinearOptions))
+
     def __post_init__(self) -> None:
         QuantOptions.__post_init__(self)
         BitLinearOptions.__post_init__(self)
-
-    def layer_options(self) -> dict[str, Any]:
-        """BitLinear's keyword options (without the layer filter)."""
-        return {k: getattr(self, k) for k in _LAYER_KEYS}
 
 
 class BitLinearRecipe(QuantRecipe):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,12 +41,12 @@ from bitflow.quant.recipe import (
 
 __all__ = ["DQTQuant", "DQTRecipe"]
 
-_LAYER_KEYS = ("bits", "act_bits", "act_qmax", "scale_update", "eps")
-
 
 @dataclass(frozen=True)
 class DQTQuant(QuantOptions):
     """The ``dqt`` recipe's options (``quant.<key>``; conf/quant/dqt_ternary.yaml documents each)."""
+
+    LAYER_KEYS: ClassVar[tuple[str, ...]] = ("bits", "act_bits", "act_qmax", "scale_update", "eps")
 
     bits: int | None = None  # None = ternary {-1, 0, 1}; an int 2..8: codes in [-2^(b-1), 2^(b-1)-1]
     act_bits: int | None = 8  # per-token absmax activation quantization with the STE (None = off)
@@ -67,10 +67,6 @@ class DQTQuant(QuantOptions):
             raise ValueError(f"embeddings={self.embeddings!r} is not allowed; allowed: true or false")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed={self.seed!r} is not allowed; allowed: null or an int")
-
-    def layer_options(self) -> dict[str, Any]:
-        """The options a DQT layer holds (they define its grid and forward)."""
-        return {k: getattr(self, k) for k in _LAYER_KEYS}
 
 
 class DQTRecipe(QuantRecipe):
