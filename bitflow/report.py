@@ -57,7 +57,8 @@ _ABSENT = object()
 @dataclass(frozen=True)
 class Quantization:
     """What a run is quantized to and from when: ``step`` None = never (16-bit), 0 = from scratch; ``method``
-    e.g. ``ternary``, ``int4``, ``DQT ternary`` (None for a 16-bit run); ``source``: where the step came from."""
+    e.g. ``ternary``, ``int4``, ``DQT ternary`` (None for a 16-bit run); ``source``: where the step came
+    from."""
 
     step: int | None
     method: str | None
@@ -90,7 +91,7 @@ class Run:
         return self.display or self.path.name
 
     def get(self, key: str, default: Any = None) -> Any:
-        """The config value at the dotted ``key`` (OmegaConf.select; an unresolvable interpolation is None)."""
+        """The config value at the dotted ``key`` (OmegaConf.select; an unresolvable interpolation: None)."""
         if self.config is None:
             return default
         from omegaconf import OmegaConf
@@ -155,7 +156,8 @@ class Run:
     def method(self) -> str | None:
         """The quantization method from the config: ``DQT ternary`` / ``DQT int8`` for a legacy ``dqt`` node,
         else from ``quant.kind`` (the transition's ``quant`` node first): ``bitlinear`` -> ``ternary`` or
-        ``int<bits>``, ``dqt`` -> ``DQT ternary`` / ``DQT int<bits>``, another kind as named; ``none`` -> None."""
+        ``int<bits>``, ``dqt`` -> ``DQT ternary`` / ``DQT int<bits>``, another kind as named; ``none`` ->
+        None."""
         if self.get("dqt._target_"):
             bits = self.get("dqt.bits")
             return "DQT ternary" if bits is None else f"DQT int{bits}"
@@ -181,8 +183,8 @@ class Run:
 def find_runs(paths: list[str | Path]) -> list[Path]:
     """Run directories in ``paths`` (relative and absolute paths mixed freely): each path that is a run (has
     ``tb/`` or ``.hydra/``), else the runs below it (a multirun's numbered job folders), sorted by job number
-    where the names are numbers; a run given twice counts once. Raises FileNotFoundError for a missing path and
-    ValueError for a path with no run below it, naming the path."""
+    where the names are numbers; a run given twice counts once. Raises FileNotFoundError for a missing path
+    and ValueError for a path with no run below it, naming the path."""
     runs: list[Path] = []
     seen: set[Path] = set()
     for p in map(Path, paths):
@@ -326,7 +328,9 @@ def markdown_settings(runs: list[Run], keys: list[str]) -> list[str]:
     for k in keys:
         values = tuple(r.setting(k) for r in runs)
         if k not in swept and (
-            k.startswith(QUANT_NODES) or any(r.get(k, _ABSENT) is _ABSENT for r in runs) or values in seen_values
+            k.startswith(QUANT_NODES)
+            or any(r.get(k, _ABSENT) is _ABSENT for r in runs)
+            or values in seen_values
         ):
             continue
         seen_values.add(values)
@@ -412,12 +416,14 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
 def render_markdown(
     runs: list[Run], rows: list[dict[str, Any]], keys: list[str], plots: list[str], notes: list[str]
 ) -> str:
-    """``report.md``: the run, its quantization, the settings of :func:`markdown_settings`, the key metrics any
-    run has and the main downstream accuracies; then the notes and the plots."""
+    """``report.md``: the run, its quantization, the settings of :func:`markdown_settings`, the key metrics
+    any run has and the main downstream accuracies; then the notes and the plots."""
     shown_keys = markdown_settings(runs, keys)
     columns = list(dict.fromkeys(c for row in rows for c in row))
     evals = main_metric([c[len("eval/") :] for c in columns if c.startswith("eval/")])
-    metrics = [c for c in (*KEY_METRICS, *[f"eval/{e}" for e in evals]) if any(r.get(c) is not None for r in rows)]
+    metrics = [
+        c for c in (*KEY_METRICS, *[f"eval/{e}" for e in evals]) if any(r.get(c) is not None for r in rows)
+    ]
     shown = ["run", "quantization", *shown_keys, *metrics]
     hidden = len(keys) - len(shown_keys)
     lines = [
@@ -466,8 +472,8 @@ def _png(fig, note: str = "") -> bytes:
 
 def plot_val_loss(runs: list[Run], keys: list[str]) -> bytes | None:
     """Validation loss against step, one line per run, named by its swept settings and, when the runs differ
-    in it, its quantization; a dashed vertical line (same colour) at each switch. Runs without ``val/loss`` are
-    named in a note under the plot."""
+    in it, its quantization; a dashed vertical line (same colour) at each switch. Runs without ``val/loss``
+    are named in a note under the plot."""
     import matplotlib.pyplot as plt
 
     drawn = [r for r in runs if r.series("val/loss")]
@@ -496,8 +502,8 @@ def plot_val_loss(runs: list[Run], keys: list[str]) -> bytes | None:
 class SwitchPoints:
     """What ``final_loss_vs_switch.png`` draws: ``series`` name -> [(switch point in % of training, final val
     loss)] of the runs switched mid-run; ``fp16``: the mean final val loss of the never-quantized runs only;
-    ``scratch``: per from-scratch label (``ternary from scratch``, ``DQT ternary from scratch``) the mean final
-    val loss of those runs."""
+    ``scratch``: per from-scratch label (``ternary from scratch``, ``DQT ternary from scratch``) the mean
+    final val loss of those runs."""
 
     series: dict[str, list[tuple[float, float]]]
     fp16: float | None
@@ -636,7 +642,9 @@ def report_notes(runs: list[Run]) -> list[str]:
     missing = [r.name for r in runs if not r.series("val/loss")]
     if missing:
         notes.append(f"no val/loss logged (metrics shown as –, not in the loss plots): {', '.join(missing)}")
-    negative = [f"{r.name} ({r.last('transition/spike'):.4f})" for r in runs if (r.last("transition/spike") or 0) < 0]
+    negative = [
+        f"{r.name} ({r.last('transition/spike'):.4f})" for r in runs if (r.last("transition/spike") or 0) < 0
+    ]
     if negative:
         notes.append(
             "transition/spike < 0 (the loss fell at the switch; the table keeps the value, "
@@ -686,9 +694,9 @@ absolute paths can be mixed.
 
 writes into --out:
   report.md                 the settings that differ between the runs, each run's quantization
-                            (16-bit / <method> from scratch / 16-bit -> <method> at step N) and the key metrics
-                            (final/best val loss and ppl, switch step, transition spike and recovery, tokens/s,
-                            wall time, main downstream accuracies); "–" = not logged by that run
+                            (16-bit / <method> from scratch / 16-bit -> <method> at step N) and the key
+                            metrics (final/best val loss and ppl, switch step, transition spike and
+                            recovery, tokens/s, wall time, main downstream accuracies); "–" = not logged
   report.csv                every column, every run (a missing value is an empty cell)
   val_loss.png              validation loss per run, each switch dashed
   final_loss_vs_switch.png  final val loss against the switch point, with 16-bit and from-scratch baselines
@@ -704,13 +712,16 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``bitflow-report DIR... [--out DIR]``."""
     parser = argparse.ArgumentParser(
         prog="bitflow-report",
-        description="One table (markdown + CSV) and plots comparing bitflow runs: a Hydra multirun or run dirs.",
+        description="One table (markdown + CSV) and plots comparing bitflow runs (a multirun or run dirs).",
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun directory, or run directories")
     parser.add_argument(
-        "--out", default=None, metavar="DIR", help="output directory (default: DIR when one is given, else ./report)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory (default: DIR when one is given, else ./report)",
     )
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
@@ -125,8 +126,10 @@ def test_bad_report_input_is_a_clear_error(tmp_path: Path, capsys):
     assert "no run directories" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ runs of every kind, as bitflow writes them
-def _hydra_run(path: Path, overrides: list[str], scalars: dict[str, list[tuple[int, float]]], config=None) -> Path:
+# ------------------------------------------------------------- runs of every kind, as bitflow writes them
+def _hydra_run(
+    path: Path, overrides: list[str], scalars: dict[str, list[tuple[int, float]]], config=None
+) -> Path:
     """A run directory as the `bitflow` Hydra app writes it: ``.hydra/config.yaml`` (the composed config,
     unresolved, saved by OmegaConf as Hydra does), ``.hydra/overrides.yaml`` (the command line) and a real
     TensorBoard event file in ``tb/``. ``config`` defaults to conf/train.yaml composed with ``overrides``."""
@@ -145,7 +148,7 @@ def _hydra_run(path: Path, overrides: list[str], scalars: dict[str, list[tuple[i
 
 
 def _composed(overrides: list[str]):
-    """conf/train.yaml composed with ``overrides`` as a plain (non-struct) config that keys can be added to."""
+    """conf/train.yaml composed with ``overrides``, as a plain (non-struct) config keys can be added to."""
     from omegaconf import OmegaConf
 
     return OmegaConf.create(OmegaConf.to_container(compose(overrides), resolve=False))
@@ -175,7 +178,10 @@ def _legacy_dqt(at, bits=None, max_steps: int = MAX_STEPS):
 
 
 def _val(final: float) -> dict[str, list[tuple[int, float]]]:
-    return {"val/loss": [(49, final + 0.5), (99, final)], "train/tokens_per_sec": [(10, 1000.0), (20, 1200.0)]}
+    return {
+        "val/loss": [(49, final + 0.5), (99, final)],
+        "train/tokens_per_sec": [(10, 1000.0), (20, 1200.0)],
+    }
 
 
 @pytest.fixture
@@ -188,7 +194,9 @@ def kinds(tmp_path: Path) -> Path:
     ms = f"trainer.max_steps={MAX_STEPS}"
     _hydra_run(root / "fp16_a", [ms, "seed=1"], _val(2.0))
     _hydra_run(root / "fp16_b", [ms, "seed=2"], _val(2.2))
-    _hydra_run(root / "ste_scratch", [ms, "quant=ternary", "transition=default", "transition.at=0"], _val(2.9))
+    _hydra_run(
+        root / "ste_scratch", [ms, "quant=ternary", "transition=default", "transition.at=0"], _val(2.9)
+    )
     _hydra_run(
         root / "ste_switch",
         [ms, "quant=ternary", "transition=default", "transition.at=0.5"],
@@ -208,8 +216,11 @@ def kinds(tmp_path: Path) -> Path:
         {**_val(2.5), "quant/switch_step": [(40, 40.0)], "transition/spike": [(45, -0.05)]},
         config=new_dqt,
     )
-    _hydra_run(root / "no_val", [ms, "quant=ternary", "transition=default", "transition.at=0.5"],
-               {"train/loss": [(0, 5.0), (10, 4.0)]})
+    _hydra_run(
+        root / "no_val",
+        [ms, "quant=ternary", "transition=default", "transition.at=0.5"],
+        {"train/loss": [(0, 5.0), (10, 4.0)]},
+    )
     return root
 
 
@@ -261,7 +272,11 @@ def test_missing_metrics_and_negative_spikes_are_shown_as_such(kinds: Path):
     cells, negative = spike_cells(runs)
     assert negative == ["dqt_int8_logged (-0.0500)"]
     assert sorted(v for vs in cells.values() for v in vs) == pytest.approx([0.0, 0.3])
-    assert {p.name for p in result["plots"]} == {"val_loss.png", "final_loss_vs_switch.png", "spike_by_phase_in.png"}
+    assert {p.name for p in result["plots"]} == {
+        "val_loss.png",
+        "final_loss_vs_switch.png",
+        "spike_by_phase_in.png",
+    }
 
 
 def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: Path):
@@ -273,7 +288,9 @@ def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: P
     _hydra_run(root / "1", ["+dqt=ternary", ms], _val(2.3), config=_legacy_dqt(0))
     _hydra_run(root / "2", ["+dqt=int8", ms], _val(2.1), config=_legacy_dqt(0, bits=8))
     _hydra_run(
-        root / "3", ["+dqt=ste_ternary", ms], _val(2.2),
+        root / "3",
+        ["+dqt=ste_ternary", ms],
+        _val(2.2),
         config=compose([ms, "quant=ternary", "transition=default", "transition.at=0"]),
     )
     result = make_report([root])
@@ -283,8 +300,15 @@ def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: P
     md = result["markdown"].read_text()
     columns = [c.strip() for c in md.splitlines()[4].strip("|").split("|")]
     assert columns == [
-        "run", "quantization", "dqt", "switch_step", "final_val_loss", "final_val_ppl", "best_val_loss",
-        "tokens_per_sec", "wall_time_s",
+        "run",
+        "quantization",
+        "dqt",
+        "switch_step",
+        "final_val_loss",
+        "final_val_ppl",
+        "best_val_loss",
+        "tokens_per_sec",
+        "wall_time_s",
     ]
     # the others are counted: all columns but run, quantization, the 10 metrics and the one setting shown
     assert f"({len(header) - 13} more differ: see report.csv)" in md
@@ -295,14 +319,20 @@ def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: P
 def test_relative_and_absolute_paths_mix(kinds: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = make_report(["kinds/fp16_a", str(kinds / "ste_switch"), "./kinds/fp16_a"], out="rep")
-    assert [Path(r["run"]).name for r in result["rows"]] == ["fp16_a", "ste_switch"]  # the same run counts once
+    assert [Path(r["run"]).name for r in result["rows"]] == [
+        "fp16_a",
+        "ste_switch",
+    ]  # the same run counts once
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| fp16_a |" in md and "| ste_switch |" in md
     assert (tmp_path / "rep" / "val_loss.png").is_file()
     # and through the console script, as a user types it
     proc = subprocess.run(
         ["bitflow-report", "kinds/dqt_scratch", str(kinds / "dqt_switch"), "--out", "rep2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "DQT ternary from scratch" in (tmp_path / "rep2" / "report.md").read_text()
@@ -337,8 +367,40 @@ def test_help_says_what_it_reads_and_writes(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out.lower()
-    for needle in ("dir", "--out", "report.md", "report.csv", "val_loss.png", "examples:", "relative and absolute"):
+    for needle in (
+        "dir",
+        "--out",
+        "report.md",
+        "report.csv",
+        "val_loss.png",
+        "examples:",
+        "absolute paths can be mixed",
+    ):
         assert needle in text
+
+
+def test_event_reader_keeps_the_last_value_of_a_step_logged_twice(tmp_path: Path):
+    """A resumed run writes a second event file into the same tb/ that logs some steps again: one value per
+    step, the later one; the wall time leaves out eval/ scalars appended afterwards."""
+    from bitflow.events import read_events, read_scalars
+
+    first = SummaryWriter(str(tmp_path / "tb"), filename_suffix=".a")
+    for step in range(4):
+        first.add_scalar("train/loss", 5.0 - step, step, walltime=1000.0 + step)
+    first.add_histogram("w", torch.arange(10.0), 3, walltime=1003.0)
+    first.close()
+    second = SummaryWriter(str(tmp_path / "tb"), filename_suffix=".b")
+    for step in range(2, 6):
+        second.add_scalar("train/loss", 10.0 + step, step, walltime=2000.0 + step)
+    second.add_scalar("eval/piqa/acc", 0.5, 5, walltime=9000.0)
+    second.close()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    events = read_events(tmp_path, histograms=True)
+    assert events.scalars["train/loss"] == [(0, 5.0), (1, 4.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+    assert events.wall_time_span() == pytest.approx(1005.0)  # 1000 .. 2005, not the evaluation at 9000
+    assert [(step, h.num) for step, h in events.histograms["w"]] == [(3, 10)]
+    assert read_scalars(tmp_path / "tb") == events.scalars
+    assert read_scalars(tmp_path / "missing") == {}
 
 
 @pytest.mark.slow
