@@ -115,11 +115,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig) -> float | None:
     """``bitflow``: train a model. Returns the final val/loss (for Hydra sweepers that optimise it)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    import lightning  # noqa: F401  (it installs its own console handlers on import; undo them below)
+    from bitflow.console import setup_console
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # log once, through Hydra's handlers (and cli.log)
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+    setup_console()  # warning filters, Lightning's console handlers undone, Lightning's adverts dropped
     metrics = run_training(cfg)
     return metrics.get("val/loss")
 
@@ -128,6 +126,9 @@ def train() -> None:
     """The ``bitflow`` console script: Hydra's app over conf/train.yaml, with ``-m`` allowed anywhere."""
     import sys
 
+    from bitflow.console import tune_allocator
+
+    tune_allocator()  # glibc malloc thresholds, before torch allocates (BITFLOW_MALLOC_TUNING=0 turns it off)
     sys.argv[1:] = hydra_argv(sys.argv[1:])
     _train()
 
