@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -41,7 +42,7 @@ M_MMAP_THRESHOLD = -3  # <malloc.h>
 OPT_OUT_ENV = "BITFLOW_MALLOC_TUNING"
 
 
-def tune_allocator(environ: os._Environ | dict[str, str] | None = None) -> str:
+def tune_allocator(environ: Mapping[str, str] | None = None) -> str:
     """Set glibc's malloc mmap and trim thresholds to 1 GiB in this process (``mallopt``), before torch allocates.
 
     Returns what happened, one of ``"tuned"``, ``"opted out"`` (env ``BITFLOW_MALLOC_TUNING=0``), ``"user
