@@ -80,7 +80,8 @@ QUIET_LIGHTNING_LINES = (
     r"litlogger|LitLogger",  # the cloud-logging advert
     r"was configured so 100% of the batches",  # limit_val_batches=1.0 restated
     r"already configured with model summary callbacks",  # bitflow's QuietModelSummary
-    r"^(TPU|HPU) available: False",  # accelerators the machine does not have
+    r"^(GPU|TPU|HPU) available: False",  # accelerators the machine does not have
+    r"^Using \S+ Automatic Mixed Precision",  # the `trainer.precision=auto -> ...` line says it (and why)
     r"`Trainer.fit` stopped: `max_steps=\d+` reached",  # the run summary says it
 )
 

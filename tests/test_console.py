@@ -61,7 +61,8 @@ def test_a_run_prints_no_noise_and_ends_with_a_summary_also_in_cli_log(tmp_path:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     for noise in ("litlogger", "Tip:", "Deprecat", "deprecated", "FLOPs", "Total estimated model params",
-                  "is not supported by the model summary", "TPU available", "limit_val_batches"):
+                  "is not supported by the model summary", "TPU available", "limit_val_batches",
+                  "Automatic Mixed Precision"):
         assert noise not in out, noise
     assert out.count("train tokens:") == 1 and out.count("val tokens:") == 1
     assert "ktok/s=" in proc.stdout  # tokens/s on the progress bar
