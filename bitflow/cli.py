@@ -181,11 +181,9 @@ def _train(cfg: DictConfig) -> float | None:
         prepare_config(cfg)  # before the slow imports: a bad value fails within a second or two
     except ConfigError as e:
         report_config_error(e)
-    import lightning  # noqa: F401  (it installs its own console handlers on import; undo them below)
+    from bitflow.console import setup_console
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # log once, through Hydra's handlers (and cli.log)
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+    setup_console()  # warning filters, Lightning's console handlers undone, Lightning's adverts dropped
     try:
         metrics = run_training(cfg, prepared=True)
     except ConfigError as e:
@@ -195,6 +193,9 @@ def _train(cfg: DictConfig) -> float | None:
 
 def train() -> None:
     """The ``bitflow`` console script: Hydra's app over conf/train.yaml, with ``-m`` allowed anywhere."""
+    from bitflow.console import tune_allocator
+
+    tune_allocator()  # glibc malloc thresholds, before torch allocates (BITFLOW_MALLOC_TUNING=0 turns it off)
     sys.argv[1:] = hydra_argv(sys.argv[1:])
     _train()
 

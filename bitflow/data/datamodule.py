@@ -283,8 +283,10 @@ class TokenDataModule(L.LightningDataModule):
 
     # --- preparation -----------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Build (or find) the tokenizer and the train/val token caches. Runs on one process per node."""
-        self._build_caches()
+        """Build (or find) the tokenizer and the train/val token caches. Runs on one process per node; a second call
+        (``run_training`` prepares the data before ``trainer.fit`` does) is a no-op."""
+        if len(self.caches) < 2:
+            self._build_caches()
 
     def _build_caches(self) -> None:
         for split in ("train", "val"):
