@@ -1,7 +1,5 @@
 # bitflow: `make help` lists the targets.
 PYTHON ?= python
-# glibc's default malloc thresholds cost ~20% of CPU training throughput (many mid-size temporary tensors)
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 DIR ?= multirun
