@@ -119,40 +119,38 @@ def test_one_file_that_hashes_into_validation_trains_on_everything(tmp_path: Pat
     check_heldout_arithmetic(dm)
 
 
-def test_two_files_without_validation_file_hold_out_the_tail(tmp_path: Path, caplog) -> None:
-    a, b = name_with_hash("a", want_val=False), name_with_hash("b", want_val=False)
-    (tmp_path / a).write_text(prose(1500, seed=3))
-    (tmp_path / b).write_text(prose(1500, seed=4))
+def setup_files(tmp_path: Path, caplog: pytest.LogCaptureFixture, files: dict[str, str]):
+    """Write ``files``, set up a DataModule over ``*.txt``; returns it and its held-out log lines."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
     dm = datamodule(TextSource(str(tmp_path / "*.txt")), tmp_path)
     with caplog.at_level(logging.INFO, logger="bitflow.data"):
         dm.setup()
+    return dm, heldout_records(caplog)
+
+
+def test_two_files_without_validation_file_hold_out_the_tail(tmp_path: Path, caplog) -> None:
+    a, b = name_with_hash("a", want_val=False), name_with_hash("b", want_val=False)
+    dm, lines = setup_files(tmp_path, caplog, {a: prose(1500, seed=3), b: prose(1500, seed=4)})
     assert dm.caches["train"].num_documents == 2
     check_heldout_arithmetic(dm)
-    assert len(heldout_records(caplog)) == 1
+    assert len(lines) == 1
 
 
 def test_validation_file_shorter_than_a_window_is_replaced_by_the_tail(tmp_path: Path, caplog) -> None:
     train, val = name_with_hash("t", want_val=False), name_with_hash("v", want_val=True)
-    (tmp_path / train).write_text(prose(3000, seed=5))
-    (tmp_path / val).write_text("a b\n")
-    dm = datamodule(TextSource(str(tmp_path / "*.txt")), tmp_path)
-    with caplog.at_level(logging.INFO, logger="bitflow.data"):
-        dm.setup()
+    dm, lines = setup_files(tmp_path, caplog, {train: prose(3000, seed=5), val: "a b\n"})
     small = dm.caches["val"].num_tokens
     assert 0 < small < SEQ + 1
     check_heldout_arithmetic(dm)
-    (line,) = heldout_records(caplog)
+    (line,) = lines
     assert f"has only {small} tokens, less than one window of data.seq_len + 1 = {SEQ + 1}" in line
 
 
 def test_a_usable_validation_file_is_kept(tmp_path: Path, caplog) -> None:
     train, val = name_with_hash("t", want_val=False), name_with_hash("v", want_val=True)
-    (tmp_path / train).write_text(prose(3000, seed=6))
-    (tmp_path / val).write_text(prose(300, seed=7))
-    dm = datamodule(TextSource(str(tmp_path / "*.txt")), tmp_path)
-    with caplog.at_level(logging.INFO, logger="bitflow.data"):
-        dm.setup()
-    assert dm.heldout_tokens == 0 and heldout_records(caplog) == []
+    dm, lines = setup_files(tmp_path, caplog, {train: prose(3000, seed=6), val: prose(300, seed=7)})
+    assert dm.heldout_tokens == 0 and lines == []
     assert dm.plan.train == TokenRange.whole(dm.caches["train"])
     assert dm.plan.val == TokenRange.whole(dm.caches["val"])
 
