@@ -30,6 +30,7 @@ def test_bitflow_data_text_with_one_file_trains_and_validates(tmp_path: Path, ca
     held = re.search(r"validation: holding out the last (\d+) of (\d+) training tokens .*is empty", out)
     assert held, out[-3000:]
     assert int(held[1]) < int(held[2])
+    assert out.count("train tokens:") == 1  # the CLI and Lightning both call prepare_data: reported once
     scalars = read_scalars(run)
     assert len(scalars["train/loss"]) == 12
     assert [step for step, _ in sorted(scalars["val/loss"])] == [5, 11]  # every 6 steps, the last one included
