@@ -9,19 +9,15 @@ batch ``k = i*W + r``, so ranks never share a sample, and a resumed run starts a
 Validation uses fixed windows over the val array that start every ``seq_len`` tokens, so their targets
 (``window[1:]``) tile the array without overlap; ranks take windows ``r::W`` with no padding or duplicates.
 
-A corpus of one or a few files often has no validation file under the hash split (or one too short for a window).
-Then, unless the validation data was named explicitly (``val_paths``, ``val_split``), the validation array is the
-last ``k * seq_len + 1`` tokens of the training stream, ``k = max(1, ceil(val_fraction * N / seq_len))``, and the
-training windows are drawn from the tokens before it only (:func:`plan_splits`); the log says so in one line.
+Which tokens are the training and validation arrays is decided by :func:`bitflow.data.splits.plan_splits`: the
+two caches, or for a corpus of one or a few files the training stream and its held-out tail (the log says so).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -32,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from bitflow.data.cache import TokenCache, build_token_cache, default_cache_dir
 from bitflow.data.sources import Source, check_int
+from bitflow.data.splits import SplitPlan, TokenRange, plan_splits
 from bitflow.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     build_tokenizer,
@@ -58,86 +55,6 @@ def window_starts(sample_ids: np.ndarray, seed: int, num_starts: int) -> np.ndar
     independent of batch size, rank and worker."""
     key = _splitmix64(np.array([seed], dtype=np.uint64))
     return (_splitmix64(sample_ids.astype(np.uint64) ^ key) % np.uint64(num_starts)).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class TokenRange:
-    """Tokens ``[start, stop)`` of a token cache: a split as the datasets read it (the whole cache, or the part
-    of the training stream before or after a held-out tail)."""
-
-    cache: TokenCache
-    start: int
-    stop: int
-
-    @classmethod
-    def whole(cls, cache: TokenCache) -> TokenRange:
-        """Every token of ``cache``."""
-        return cls(cache, 0, cache.num_tokens)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def load(self) -> np.ndarray:
-        """The tokens, a read-only memory map (a view into the cache file)."""
-        return self.cache.load()[self.start : self.stop]
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """Which tokens train and validate (see :func:`plan_splits`): ``heldout`` tokens at the end of the training
-    stream serve as the validation split (0 when the source's own validation split is used), ``reason`` why."""
-
-    train: TokenRange
-    val: TokenRange
-    heldout: int = 0
-    reason: str = ""
-
-
-def plan_splits(source: Source, train: TokenCache, val: TokenCache, seq_len: int) -> SplitPlan:
-    """The train and validation token ranges of a tokenized source, or ValueError (naming the config key).
-
-    - no token at all: "no text found in <source>";
-    - a validation split with at least one window (``seq_len + 1`` tokens): both caches as they are;
-    - otherwise, if the validation data was named explicitly (``val_paths``/``val_split``): an error;
-    - otherwise hold out the last ``k * seq_len + 1`` training tokens, ``k = max(1, ceil(val_fraction * N /
-      seq_len))`` windows, and train on the ``N - k * seq_len - 1`` tokens before them: the two ranges do not
-      overlap, and the plan is a pure function of the caches, ``seq_len`` and ``val_fraction`` (exact on resume,
-      the same on every rank).
-    """
-    window = seq_len + 1
-    if train.num_tokens + val.num_tokens == 0:
-        raise ValueError(f"no text found in {source.origin()}: every document is empty")
-    if train.num_tokens == 0:
-        raise ValueError(f"no text found in {source.origin()} for training (only validation data has text)")
-    if val.num_tokens >= window:
-        if train.num_tokens < window:
-            raise ValueError(
-                f"data.seq_len={seq_len} is not allowed: the training split of {source.origin()} has "
-                f"{train.num_tokens} tokens, fewer than one window of data.seq_len + 1 = {window}; "
-                f"give data.seq_len <= {train.num_tokens - 1} or add text"
-            )
-        return SplitPlan(TokenRange.whole(train), TokenRange.whole(val))
-    if source.val_origin() is not None:
-        raise ValueError(
-            f"data.seq_len={seq_len} is not allowed: the validation data {source.val_origin()} has "
-            f"{val.num_tokens} tokens, fewer than one window of data.seq_len + 1 = {window}; "
-            f"give data.seq_len <= {max(val.num_tokens - 1, 1)} or more validation text"
-        )
-    n = train.num_tokens
-    windows = max(1, math.ceil(source.val_fraction * n / seq_len))
-    heldout = windows * seq_len + 1
-    if n - heldout < window:
-        raise ValueError(
-            f"data.seq_len={seq_len} is not allowed: {source.origin()} has {n} tokens, too few to hold out "
-            f"{windows} validation window(s) ({heldout} tokens, data.source.val_fraction={source.val_fraction}) "
-            f"and keep one training window of data.seq_len + 1 = {window} tokens; lower data.seq_len (at most "
-            f"{max((n - 2) // 2, 1)} even with a single validation window) or data.source.val_fraction, or add text"
-        )
-    where = f"the validation split of {source.origin()}"
-    reason = f"{where} is empty" if val.num_tokens == 0 else (
-        f"{where} has only {val.num_tokens} tokens, less than one window of data.seq_len + 1 = {window}"
-    )
-    return SplitPlan(TokenRange(train, 0, n - heldout), TokenRange(train, n - heldout, n), heldout, reason)
 
 
 def _as_array(tokens: np.ndarray | TokenCache | TokenRange) -> np.ndarray:

@@ -12,7 +12,7 @@ The train/validation split is decided by a hash of a machine-independent key (a 
 document's index), so two machines that see the same data get the same split. A hash split that would leave the
 training split with nothing (one file that hashes into validation) puts everything in training instead; when the
 validation split ends up empty or shorter than one window, the DataModule holds out the tail of the training token
-stream (:func:`bitflow.data.datamodule.plan_splits`).
+stream (:func:`bitflow.data.splits.plan_splits`).
 
 Error messages name the config keys (``data.source.<option>``) that the Hydra configs in ``conf/data/source/`` set.
 """
