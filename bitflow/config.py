@@ -251,7 +251,8 @@ def check_config(cfg: DictConfig) -> None:
 
     fields = _container(model)
     with config_errors("model", fields, owner="LlamaConfig"):
-        LlamaConfig.from_dict({**fields, "vocab_size": data.get("vocab_size") or 8192})
+        # the vocabulary size comes from the tokenizer later; a placeholder validates every other field now
+        LlamaConfig.from_dict({**fields, "vocab_size": 1})
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt!r} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
