@@ -19,10 +19,9 @@ import platform
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-from bitflow.bench.common import print_table
+from bitflow.bench.common import cpu_name, print_table
 from bitflow.console import MALLOC_THRESHOLD, OPT_OUT_ENV
 
 TUNABLES = f"glibc.malloc.mmap_threshold={MALLOC_THRESHOLD}:glibc.malloc.trim_threshold={MALLOC_THRESHOLD}"
@@ -31,20 +30,6 @@ VARIANTS = {
     "mallopt (bitflow)": {OPT_OUT_ENV: "1"},
     "GLIBC_TUNABLES": {OPT_OUT_ENV: "0", "GLIBC_TUNABLES": TUNABLES},
 }
-
-
-def cpu_name() -> str:
-    """The CPU's model name and torch's CPU capability (e.g. ``AMD EPYC 7B13 (AVX2)``)."""
-    import torch
-
-    name = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 
 def child(steps: int) -> None:
