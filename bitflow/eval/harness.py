@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from bitflow.data.tokenizer import eos_id
 from bitflow.eval.scoring import (
     Window,
     autocast_context,
@@ -162,10 +163,7 @@ class BitflowLM(TemplateLM):
             self.quant_state = getattr(model, "quant_state", None)
         self.model = _as_decoder(model)
         self.tokenizer = _as_tokenizer(tokenizer)
-        eot = self.tokenizer.token_to_id("<|endoftext|>")
-        if eot is None:
-            raise ValueError("the tokenizer has no '<|endoftext|>' token; it is not a bitflow tokenizer")
-        self._eot_id = eot
+        self._eot_id = eos_id(self.tokenizer)
         context = int(self.model.config.max_seq_len)
         if max_length is not None and not 1 <= int(max_length) <= context:
             raise ValueError(
