@@ -1,7 +1,8 @@
 """The settings of ``bitflow-eval`` (conf/eval.yaml, the one source of their defaults) and their checks.
 
 The checks run before any model, Lightning or lm-eval module is imported, so a bad value fails in about a second
-with one message that names the key, the value and what is allowed (:class:`EvalConfigError`).
+with one message that names the key, the value and what is allowed (a :class:`~bitflow.config.ConfigError`, which
+``bitflow-eval`` prints as ``bitflow`` does: one line, no traceback unless ``HYDRA_FULL_ERROR=1``).
 """
 
 from __future__ import annotations
@@ -9,22 +10,17 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from bitflow.config import ConfigError
+from bitflow.config import _fail as fail
 
 EVAL_CONFIG = "eval"  # conf/eval.yaml
 PRECISIONS = ("auto", "32", "bf16", "16")
 NO_TASKS = ("none", "null", "")
 FALLBACK_DIR = "bitflow-eval"  # under the system's temp directory
-
-
-class EvalConfigError(ValueError):
-    """A bad ``bitflow-eval`` setting; the message names the key, the value and what is allowed."""
-
-
-def _fail(key: str, value: Any, allowed: str) -> NoReturn:
-    raise EvalConfigError(f"{key}={value!r}: {allowed}")
 
 
 def default_eval_config() -> DictConfig:
@@ -43,16 +39,17 @@ def eval_config(settings: Mapping[str, Any] | DictConfig | None = None) -> DictC
     settings = dict(settings or {}) if not isinstance(settings, DictConfig) else settings
     unknown = [k for k in settings if k not in cfg and k != "hydra"]
     if unknown:
-        raise EvalConfigError(f"unknown setting(s) {unknown}; allowed: {', '.join(map(str, cfg))}")
+        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {', '.join(map(str, cfg))}")
     return OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "hydra"})
 
 
 def eval_output_dir(ckpt: Any) -> str:
     """Hydra's output folder for evaluating ``ckpt`` (the ``bitflow.eval_dir`` resolver of conf/eval.yaml): the
-    checkpoint's own folder when it exists, else ``<tmp>/bitflow-eval`` (so a mistyped path creates nothing)."""
-    folder = Path(str(ckpt)).expanduser().resolve().parent if ckpt not in (None, "") else None
-    if folder is not None and folder.is_dir():
-        return str(folder)
+    checkpoint's folder when the checkpoint exists, else ``<tmp>/bitflow-eval`` (a mistyped path writes nothing
+    next to the user; the run then stops at the ``ckpt`` check)."""
+    path = Path(str(ckpt)).expanduser() if ckpt not in (None, "") else None
+    if path is not None and path.is_file():
+        return str(path.resolve().parent)
     return str(Path(tempfile.gettempdir()) / FALLBACK_DIR)
 
 
@@ -65,7 +62,7 @@ def parse_batch_size(batch_size: int | str | None) -> tuple[int, bool]:
     if text.startswith("auto"):
         return 64, True
     if isinstance(batch_size, bool) or not text.isdigit() or int(text) < 1:
-        raise EvalConfigError(f"batch_size={batch_size!r}: a positive integer or auto")
+        fail("batch_size", batch_size, "a positive integer or auto")
     return int(text), False
 
 
@@ -80,7 +77,7 @@ def task_list(tasks: Any) -> list[str]:
     try:
         return resolve_tasks(items)
     except ValueError as err:
-        _fail("tasks", tasks, str(err))
+        raise ConfigError(f"tasks={tasks!r}: {err}") from None
 
 
 def _optional_int(cfg: DictConfig, key: str, minimum: int, what: str) -> None:
@@ -88,30 +85,27 @@ def _optional_int(cfg: DictConfig, key: str, minimum: int, what: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(key, value, what)
+        fail(key, value, what)
 
 
 def check_eval_config(cfg: DictConfig) -> DictConfig:
     """Check every ``bitflow-eval`` setting; returns a normalised copy (``tasks`` a list of task names,
     ``perplexity`` None, "val" or a list of paths, ``precision`` a string, ``limit`` an int or a fraction).
 
-    Raises :class:`EvalConfigError` naming the first bad key. Task names that are neither groups nor local
+    Raises :class:`ConfigError` naming the first bad key. Task names that are neither groups nor local
     tasks are checked against lm-eval's index later (:func:`~bitflow.eval.suites.task_manager_for`), still
     before the model loads.
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     ckpt = cfg.ckpt
     if ckpt in (None, ""):
-        _fail(
-            "ckpt",
-            ckpt,
-            "required: the checkpoint to evaluate, e.g. ckpt=outputs/train/<time>/checkpoints/last.ckpt",
+        raise ConfigError(
+            "ckpt is required: the checkpoint to evaluate, e.g. ckpt=outputs/train/<time>/checkpoints/last.ckpt"
         )
     if not Path(str(ckpt)).expanduser().is_file():
-        _fail(
-            "ckpt",
-            ckpt,
-            "checkpoint not found; give the path of a bitflow checkpoint file (<run>/checkpoints/last.ckpt)",
+        raise ConfigError(
+            f"ckpt={ckpt!r}: checkpoint not found; give the path of a bitflow checkpoint file "
+            "(<run>/checkpoints/last.ckpt)"
         )
     cfg.ckpt = str(Path(str(ckpt)).expanduser())
 
@@ -120,12 +114,12 @@ def check_eval_config(cfg: DictConfig) -> DictConfig:
     limit = cfg.limit
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
-            _fail(
+            fail(
                 "limit", limit, "examples per task (a whole number >= 1), a fraction in (0, 1), or null (all)"
             )
         if limit >= 1:
             if float(limit) != int(limit):
-                _fail("limit", limit, "a whole number of examples when >= 1, or a fraction in (0, 1)")
+                fail("limit", limit, "a whole number of examples when >= 1, or a fraction in (0, 1)")
             cfg.limit = int(limit)
     _optional_int(cfg, "num_fewshot", 0, "a whole number >= 0, or null (each task's default)")
     parse_batch_size(cfg.batch_size)
@@ -137,9 +131,9 @@ def check_eval_config(cfg: DictConfig) -> DictConfig:
         try:
             torch.device(str(device))
         except (RuntimeError, ValueError):
-            _fail("device", device, "cpu, cuda, cuda:N, mps, auto or null (CUDA if available)")
+            fail("device", device, "cpu, cuda, cuda:N, mps, auto or null (CUDA if available)")
     if str(cfg.precision) not in PRECISIONS:
-        _fail("precision", cfg.precision, f"one of {', '.join(PRECISIONS)}")
+        fail("precision", cfg.precision, f"one of {', '.join(PRECISIONS)}")
     cfg.precision = str(cfg.precision)
     _optional_int(
         cfg, "max_length", 1, "a positive number of tokens (at most the model's max_seq_len), or null"
@@ -149,9 +143,9 @@ def check_eval_config(cfg: DictConfig) -> DictConfig:
     _optional_int(cfg, "bootstrap_iters", 0, "a whole number >= 0 (0 = no stderr)")
     _optional_int(cfg, "stride", 1, "a positive number of tokens, or null (the context length)")
     if not isinstance(cfg.tensorboard, bool):
-        _fail("tensorboard", cfg.tensorboard, "true or false")
+        fail("tensorboard", cfg.tensorboard, "true or false")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        _fail("seed", cfg.seed, "an integer")
+        fail("seed", cfg.seed, "an integer")
 
     ppl = cfg.perplexity
     if ppl is not None and str(ppl) != "val":
@@ -161,8 +155,10 @@ def check_eval_config(cfg: DictConfig) -> DictConfig:
         try:
             expand_paths(paths)
         except FileNotFoundError as err:
-            _fail("perplexity", ppl, f"{err}; give val, files, directories or globs (a list as [a,b])")
+            raise ConfigError(
+                f"perplexity={ppl!r}: {str(err).removeprefix('perplexity: ')}; allowed: val, files, directories or globs (a list as [a,b])"
+            ) from None
         cfg.perplexity = paths
     if not cfg.tasks and cfg.perplexity is None:
-        _fail("tasks", "none", "nothing to evaluate: give tasks or perplexity")
+        raise ConfigError("tasks=none and perplexity=null: nothing to evaluate; give tasks or perplexity")
     return cfg

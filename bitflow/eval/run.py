@@ -21,7 +21,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,8 +29,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bitflow.cli import CONFIG_DIR, hydra_argv
-from bitflow.eval.config import EVAL_CONFIG, EvalConfigError, check_eval_config, eval_config, eval_output_dir
+from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
+from bitflow.config import ConfigError
+from bitflow.eval.config import EVAL_CONFIG, check_eval_config, eval_config, eval_output_dir
 from bitflow.io import atomic_write_text
 
 log = logging.getLogger("bitflow.eval")
@@ -205,7 +205,7 @@ def evaluate_checkpoint(settings: Mapping[str, Any] | DictConfig) -> dict[str, A
     """Check the settings (conf/eval.yaml's keys; missing ones take its defaults), check the task names, load
     the checkpoint, run the tasks and perplexity, print the table, write the JSON, log TensorBoard.
 
-    Bad settings, unknown tasks and unreadable checkpoints raise :class:`~bitflow.eval.config.EvalConfigError`
+    Bad settings, unknown tasks and unreadable checkpoints raise :class:`~bitflow.config.ConfigError`
     before any task runs. Returns the record written to the JSON file.
     """
     given = eval_config(settings)
@@ -218,7 +218,7 @@ def evaluate_checkpoint(settings: Mapping[str, Any] | DictConfig) -> dict[str, A
             manager = task_manager_for(list(cfg.tasks))
         except ValueError as err:
             tasks = OmegaConf.to_container(given.tasks) if OmegaConf.is_list(given.tasks) else given.tasks
-            raise EvalConfigError(f"tasks={tasks!r}: {err}") from None
+            raise ConfigError(f"tasks={tasks!r}: {err}") from None
     from lm_eval.utils import make_table
 
     from bitflow.eval.harness import BitflowLM
@@ -233,7 +233,7 @@ def evaluate_checkpoint(settings: Mapping[str, Any] | DictConfig) -> dict[str, A
             max_length=cfg.max_length,
         )
     except (ValueError, FileNotFoundError) as err:  # not a bitflow checkpoint, max_length beyond the model's
-        raise EvalConfigError(f"cannot evaluate ckpt={str(ckpt)!r}: {err}") from err
+        raise ConfigError(f"cannot evaluate ckpt={str(ckpt)!r}: {err}") from err
     info = checkpoint_info(ckpt)
     metrics: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {}
@@ -280,15 +280,12 @@ def evaluate_checkpoint(settings: Mapping[str, Any] | DictConfig) -> dict[str, A
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=EVAL_CONFIG)
 def _eval(cfg: DictConfig) -> None:
-    """``bitflow-eval``'s Hydra task: a bad setting is one line on stderr and exit code 2 (the traceback only
-    with ``HYDRA_FULL_ERROR=1``)."""
+    """``bitflow-eval``'s Hydra task: a bad setting is one "config error: ..." line and exit code 2, as for
+    ``bitflow`` (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
     try:
         evaluate_checkpoint(cfg)
-    except EvalConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"bitflow-eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as err:
+        report_config_error(err)
 
 
 def main() -> None:
