@@ -111,29 +111,60 @@ def config_error(proc: subprocess.CompletedProcess) -> str:
     return line.split("config error: ", 1)[1]
 
 
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        (
-            "limit=0",
-            "limit=0 is not allowed; allowed: examples per task (a whole number >= 1), a fraction in (0, 1)",
-        ),
-        ("limit=many", "limit='many' is not allowed; allowed: examples per task"),
-        ("limit=2.5", "limit=2.5 is not allowed; allowed: a whole number of examples when >= 1"),
-        ("batch_size=big", "batch_size='big' is not allowed; allowed: a positive integer or auto"),
-        ("precision=fp8", "precision='fp8' is not allowed; allowed: one of auto, 32, bf16, 16"),
-        ("num_fewshot=-1", "num_fewshot=-1 is not allowed; allowed: a whole number >= 0"),
-        ("device=gpu", "device='gpu' is not allowed; allowed: cpu, cuda, cuda:N"),
-        (
-            "perplexity=[nothing/*.txt]",
-            "perplexity=['nothing/*.txt']: no file matches 'nothing/*.txt'; allowed: val,",
-        ),
-    ],
-)
+BAD_VALUES = [
+    (
+        "limit=0",
+        "limit=0 is not allowed; allowed: examples per task (a whole number >= 1), a fraction in (0, 1)",
+    ),
+    ("limit=many", "limit='many' is not allowed; allowed: examples per task"),
+    ("limit=2.5", "limit=2.5 is not allowed; allowed: a whole number of examples when >= 1"),
+    ("batch_size=big", "batch_size='big' is not allowed; allowed: a positive integer or auto"),
+    ("precision=fp8", "precision='fp8' is not allowed; allowed: one of auto, 32, bf16, 16"),
+    ("num_fewshot=-1", "num_fewshot=-1 is not allowed; allowed: a whole number >= 0"),
+    ("device=gpu", "device='gpu' is not allowed; allowed: cpu, cuda, cuda:N"),
+    ("stride=0", "stride=0 is not allowed; allowed: a positive number of tokens"),
+    ("tensorboard=maybe", "tensorboard='maybe' is not allowed; allowed: true or false"),
+    (
+        "perplexity=[nothing/*.txt]",
+        "perplexity=['nothing/*.txt']: no file matches 'nothing/*.txt'; allowed: val,",
+    ),
+]
+
+
+@pytest.mark.parametrize("override,message", [BAD_VALUES[0], BAD_VALUES[3]])
 def test_a_bad_value_is_one_line_naming_the_key(tiny_run_checkpoint: Path, tmp_path: Path, override, message):
     proc = bitflow_eval(f"ckpt={tiny_run_checkpoint}", override, cwd=tmp_path / "cwd")
     assert config_error(proc).startswith(message)
     assert not (tiny_run_checkpoint.parent / "eval_results.json").exists()
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_every_bad_value_is_caught_by_the_checks(tiny_run_checkpoint: Path, override, message):
+    # the same checks as the subprocess above, on the config Hydra composes (all of them, in-process: fast)
+    from hydra import compose, initialize_config_dir
+
+    from bitflow.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"ckpt={tiny_run_checkpoint}", override])
+    with pytest.raises(ConfigError) as err:
+        check_eval_config(cfg)
+    assert str(err.value).startswith(message)
+
+
+def test_settings_are_checked_before_lm_eval_lightning_or_the_model_load(tiny_run_checkpoint: Path):
+    code = (
+        "import sys\n"
+        "from bitflow.config import ConfigError\n"
+        "from bitflow.eval.run import evaluate_checkpoint\n"
+        "for bad in ({'limit': 0}, {'batch_size': 'big'}, {'perplexity': 'nothing/*.txt'}):\n"
+        f"    try: evaluate_checkpoint({{'ckpt': {str(tiny_run_checkpoint)!r}, **bad}})\n"
+        "    except ConfigError as e: print('caught', e)\n"
+        "print(sorted(m for m in ('lm_eval', 'lightning', 'bitflow.lm', 'bitflow.eval.harness') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("caught ") == 3 and proc.stdout.strip().endswith("[]"), proc.stdout
 
 
 def test_a_missing_checkpoint_fails_at_once_and_creates_nothing(tmp_path: Path):
