@@ -28,6 +28,7 @@ __all__ = [
     "check_config",
     "config_errors",
     "explicit_keys",
+    "fail",
     "fit_short_run",
     "qualify",
     "resolve_precision",
@@ -68,7 +69,8 @@ def config_errors(section: str | None = None, names: Iterable[str] = (), owner: 
         raise ConfigError(message) from e
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+def fail(key: str, value: Any, allowed: str) -> None:
+    """Raise the one :class:`ConfigError` format: ``<key>=<value> is not allowed; allowed: <allowed>``."""
     raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
 
 
@@ -76,7 +78,7 @@ def _int(key: str, value: Any, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(key, value, f"an integer >= {minimum}" + (" or null" if allow_none else ""))
+        fail(key, value, f"an integer >= {minimum}" + (" or null" if allow_none else ""))
 
 
 def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
@@ -88,7 +90,7 @@ def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: 
             allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
         else:
             allowed = f"a number {'>' if low_open else '>='} {low:g}"
-        _fail(key, value, allowed)
+        fail(key, value, allowed)
 
 
 def _container(node: Any) -> Any:
@@ -179,7 +181,7 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
     _int("trainer.max_steps", trainer.get("max_steps"), 1)
     precision = trainer.get("precision")
     if str(precision) not in PRECISIONS and precision not in ("32", "16", "bf16", "64"):
-        _fail("trainer.precision", precision, ", ".join(PRECISIONS) + " (auto = bf16-mixed where native, else 32-true)")
+        fail("trainer.precision", precision, ", ".join(PRECISIONS) + " (auto = bf16-mixed where native, else 32-true)")
     interval = trainer.get("val_check_interval")
     if isinstance(interval, float):
         _number("trainer.val_check_interval", interval, 0.0, 1.0, low_open=True)
@@ -200,14 +202,14 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
     _number("optimizer.lr", optimizer.get("lr"), 0.0, low_open=True)
     betas = optimizer.get("betas", (0.9, 0.999))
     if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-        _fail("optimizer.betas", betas, "a pair [beta1, beta2], each in [0, 1)")
+        fail("optimizer.betas", betas, "a pair [beta1, beta2], each in [0, 1)")
     for i, beta in enumerate(betas):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            _fail(f"optimizer.betas[{i}]", beta, "a number in [0, 1)")
+            fail(f"optimizer.betas[{i}]", beta, "a number in [0, 1)")
     _number("optimizer.eps", optimizer.get("eps", 1e-8), 0.0, low_open=True)
     _number("optimizer.weight_decay", optimizer.get("weight_decay", 0.0), 0.0)
     if optimizer.get("fused") not in (None, True, False):
-        _fail("optimizer.fused", optimizer.get("fused"), "null, true or false")
+        fail("optimizer.fused", optimizer.get("fused"), "null, true or false")
 
 
 def check_data(data: Mapping[str, Any]) -> None:

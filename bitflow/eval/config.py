@@ -14,8 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bitflow.config import ConfigError
-from bitflow.config import _fail as fail
+from bitflow.config import ConfigError, fail
 
 EVAL_CONFIG = "eval"  # conf/eval.yaml
 PRECISIONS = ("auto", "32", "bf16", "16")
