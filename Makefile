@@ -1,12 +1,10 @@
 # bitflow: `make help` lists the targets.
 PYTHON ?= python
-# glibc's default malloc thresholds cost ~20% of CPU training throughput (many mid-size temporary tensors)
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 DIR ?= multirun
 
-.PHONY: help install install-bench test test-full lint format train tb bench report clean
+.PHONY: help install install-bench test test-unit test-full lint format train tb bench report clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,6 +18,9 @@ install-bench:  ## install the bench-only extras (HF transformers, the seed auth
 
 test:  ## run the test suite (without tests marked slow), ~10 min on 2 CPU cores
 	$(PYTHON) -m pytest -q
+
+test-unit:  ## the unit tier only (no Trainer fits, no subprocesses), under a minute
+	$(PYTHON) -m pytest -q -m "not slow and not integration"
 
 test-full:  ## run every test, slow ones included
 	$(PYTHON) -m pytest -q -m ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,19 @@ from typing import Any
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+
+from bitflow.config import (
+    ConfigError,
+    check_config,
+    check_trainer,
+    config_errors,
+    explicit_keys,
+    fit_short_run,
+    register_resolvers,
+    resolve_precision,
+)
+
+register_resolvers()  # before Hydra resolves hydra.run.dir
 
 log = logging.getLogger("bitflow")
 
@@ -36,28 +50,6 @@ def _container(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Reject bad values before anything is built, with a message naming the value and what is allowed."""
-    max_steps = cfg.trainer.get("max_steps")
-    if not isinstance(max_steps, int) or max_steps <= 0:
-        raise ValueError(f"trainer.max_steps must be a positive integer, got {max_steps!r}")
-    seq_len, context = cfg.data.get("seq_len"), cfg.model.get("max_seq_len")
-    if seq_len is not None and context is not None and seq_len > context:
-        raise ValueError(
-            f"data.seq_len={seq_len} is longer than the model's context model.max_seq_len={context}; "
-            f"use data.seq_len<={context} or raise model.max_seq_len"
-        )
-    if cfg.get("ckpt_path") is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
-    from bitflow.schedules import LRSchedule
-
-    LRSchedule(total_steps=max_steps, **_container(cfg.scheduler))
-    # the model's own validation (LlamaConfig.__post_init__) runs here, before the data is tokenized
-    from bitflow.models.llama import LlamaConfig
-
-    LlamaConfig.from_dict({**_container(cfg.model), "vocab_size": cfg.data.get("vocab_size") or 8192})
-
-
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that raises the constructor's own error (e.g. a missing data path) unwrapped."""
     try:
@@ -80,20 +72,79 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     return out
 
 
-def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Build data, model, callbacks, logger and trainer from a composed config, then fit. Returns final metrics."""
+def check_resume(cfg: DictConfig) -> None:
+    """Before resuming from ``ckpt_path``: refuse a checkpoint of another model shape, and a change that reshapes
+    the LR schedule (``trainer.max_steps``, ``scheduler.*``) unless ``allow_schedule_change=true``: a resumed run
+    continues the run it resumes."""
+    from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
+    from bitflow.models.llama import LlamaConfig
+
+    ckpt = read_checkpoint(cfg.ckpt_path, mmap=True)
+    saved_model = ckpt[CHECKPOINT_KEY]["model_config"]
+    # the vocabulary comes from the tokenizer (the checkpoint carries it); every other field from this config
+    check_same_model(
+        LlamaConfig.from_dict({**_container(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
+        saved_model,
+    )
+    saved_steps = ckpt[CHECKPOINT_KEY].get("max_steps")
+    run_config = Path(cfg.ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if saved_steps is None and run_config.is_file():  # checkpoints written before max_steps was stored
+        saved_steps = OmegaConf.select(OmegaConf.load(run_config), "trainer.max_steps", default=None)
+    saved = {f"scheduler.{k}": v for k, v in (ckpt.get("hyper_parameters", {}).get("scheduler") or {}).items()}
+    if saved_steps is not None:
+        saved["trainer.max_steps"] = saved_steps
+    now = {f"scheduler.{k}": v for k, v in _container(cfg.scheduler).items()}
+    now["trainer.max_steps"] = cfg.trainer.max_steps
+    changed = [f"{k}={now.get(k)!r} (checkpoint: {v!r})" for k, v in saved.items() if now.get(k) != v]
+    if changed and not cfg.get("allow_schedule_change", False):
+        raise ConfigError(
+            f"resuming {cfg.ckpt_path} with a different LR schedule: {', '.join(changed)}; that reshapes the "
+            "schedule mid-run. Use the checkpoint's values, or add allow_schedule_change=true to do it on purpose"
+        )
+    if changed:
+        log.warning("resuming with a changed LR schedule (allow_schedule_change=true): %s", ", ".join(changed))
+
+
+def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
+    """Everything about the config that can be decided or refused before anything is built, in place: short-run
+    scaling of step-valued defaults, ``trainer.precision: auto``, every value check, the resume checks.
+    Raises :class:`~bitflow.config.ConfigError`. ``explicit``: keys set on the command line (default: Hydra's)."""
+    explicit = explicit_keys() if explicit is None else explicit
+    with config_errors():
+        check_trainer(cfg.trainer)
+        changes = fit_short_run(cfg, explicit)
+        if changes:
+            log.info(
+                "short run (trainer.max_steps=%d): %s; set them explicitly to override",
+                cfg.trainer.max_steps, ", ".join(changes),
+            )
+        precision, why = resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto"))
+        if cfg.trainer.precision == "auto":
+            cfg.trainer.precision = precision
+            log.info("trainer.precision=auto -> %s: %s", precision, why)
+        check_config(cfg)
+        if cfg.get("ckpt_path") is not None:
+            check_resume(cfg)
+
+
+def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bool = False) -> dict[str, float]:
+    """Check the config (unless ``prepared``: :func:`prepare_config` ran already), build data, model, callbacks,
+    logger and trainer from it, then fit. Returns the final metrics. Bad config values raise
+    :class:`~bitflow.config.ConfigError` before the data is tokenized."""
+    if not prepared:
+        prepare_config(cfg, explicit)
     import lightning as L
 
     from bitflow.checkpoint import AtomicCheckpointIO
     from bitflow.lm import LanguageModel
 
-    check_config(cfg)
-    from bitflow.callbacks import build_transition
-
-    build_transition(cfg)  # quant (what) and transition (when) are checked before the data is prepared
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
+    with config_errors("data", [*cfg.data, *(cfg.data.get("source") or {})]):
+        datamodule = instantiate(cfg.data)
+    with config_errors("transition", list(cfg.get("transition") or {})):
+        callbacks = build_callbacks(cfg)
+    with config_errors():
+        datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
     model = LanguageModel(
         model={**_container(cfg.model), "vocab_size": datamodule.vocab_size},
         optimizer=_container(cfg.optimizer),
@@ -106,8 +157,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
 
         meta = read_checkpoint(cfg.ckpt_path, mmap=True)[CHECKPOINT_KEY]
-        check_same_model(model.model.config.to_dict(), meta["model_config"])
-    callbacks = build_callbacks(cfg)
+        with config_errors():
+            check_same_model(model.model.config.to_dict(), meta["model_config"])
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -119,23 +170,37 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+def report_config_error(error: ConfigError) -> None:
+    """Print a config error as one clean message (the traceback only with ``HYDRA_FULL_ERROR=1``) and exit 2."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    log.error("config error: %s", error)
+    raise SystemExit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train(cfg: DictConfig) -> float | None:
     """``bitflow``: train a model. Returns the final val/loss (for Hydra sweepers that optimise it)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    import lightning  # noqa: F401  (it installs its own console handlers on import; undo them below)
+    try:
+        prepare_config(cfg)  # before the slow imports: a bad value fails within a second or two
+    except ConfigError as e:
+        report_config_error(e)
+    from bitflow.console import setup_console
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # log once, through Hydra's handlers (and cli.log)
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
-    metrics = run_training(cfg)
+    setup_console()  # warning filters, Lightning's console handlers undone, Lightning's adverts dropped
+    try:
+        metrics = run_training(cfg, prepared=True)
+    except ConfigError as e:
+        report_config_error(e)
     return metrics.get("val/loss")
 
 
 def train() -> None:
     """The ``bitflow`` console script: Hydra's app over conf/train.yaml, with ``-m`` allowed anywhere."""
-    import sys
+    from bitflow.console import tune_allocator
 
+    tune_allocator()  # glibc malloc thresholds, before torch allocates (BITFLOW_MALLOC_TUNING=0 turns it off)
     sys.argv[1:] = hydra_argv(sys.argv[1:])
     _train()
 

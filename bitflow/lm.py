@@ -127,6 +127,12 @@ class LanguageModel(L.LightningModule):
         self._last_time = now
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # every run validates (and so checkpoints) at its last step, whatever trainer.val_check_interval is:
+        # Lightning's training loop runs the validation of a batch after which the trainer should stop
+        if self._trainer is not None and 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
+
     def on_train_epoch_start(self) -> None:
         self._last_time = None
 
@@ -195,6 +201,8 @@ class LanguageModel(L.LightningModule):
             "tokenizer": self.tokenizer_json,
             "quant": self.quant_state,
             "tokens_seen": getattr(self, "tokens_seen", 0),
+            # the LR schedule's length: a resume with another trainer.max_steps would reshape it
+            "max_steps": self.trainer.max_steps if self._trainer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

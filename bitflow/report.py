@@ -1,32 +1,40 @@
 """``bitflow-report DIR...``: one table and a few plots for a set of runs (a Hydra multirun or run dirs).
 
     bitflow-report multirun/transition_sweep/2026-01-01_12-00-00
-    bitflow-report outputs/train/run_a outputs/train/run_b --out reports/ab
+    bitflow-report outputs/train/run_a /abs/path/outputs/train/run_b --out reports/ab
 
 A run is a directory with ``tb/`` (TensorBoard event files) and, from Hydra, ``.hydra/overrides.yaml`` and
 ``.hydra/config.yaml``; a directory that is not a run is searched for runs below it. Per run, the report
 reads:
 
 - the settings that differ between the runs: the swept command-line overrides first (each run's value from
-  its resolved config), then any other config value that differs (e.g. one an experiment file sets);
+  its resolved config; a config group choice such as ``quant=dqt_ternary`` as given), then any other config
+  value that differs (e.g. one an experiment file sets);
+- what the run is quantized to and from which step (the ``quantization`` column: ``16-bit``, ``ternary from
+  scratch``, ``DQT ternary from scratch``, ``16-bit -> ternary at step 50``). The switch step is the scalar
+  ``quant/switch_step`` that :class:`bitflow.callbacks.PrecisionTransition` logs once; for runs without it,
+  the config's ``transition.at`` (or a legacy DQT run's ``dqt.at``) resolved against ``trainer.max_steps``
+  by :func:`bitflow.schedules.resolve_switch_step`; else the first step where ``quant/lambda`` is > 0. The
+  method comes from the config (``quant.kind`` and its bits, or the legacy ``dqt`` node);
 - ``val/loss``: final and best, and their perplexities exp(loss);
-- the switch step of a precision transition: the config's ``transition.at`` resolved against
-  ``trainer.max_steps`` (an int is a step, a float in (0, 1) a fraction, 0 = ternary from the start, null =
-  never), else the first step where the scalar ``quant/lambda`` is > 0;
-- ``transition/spike`` and ``transition/recovery_steps`` (logged by
-  :class:`bitflow.callbacks.PrecisionTransition`);
+- ``transition/spike`` and ``transition/recovery_steps``;
 - ``train/tokens_per_sec`` (median) and the wall time from the first to the last event;
 - downstream accuracies from ``eval_results.json`` (``bitflow-eval``) or the ``eval/<task>/<metric>`` scalars.
 
-It writes ``report.md``, ``report.csv`` and PNG plots: validation loss against step with each run's switch
-marked; final validation loss against the switch point, with the 16-bit and the 1.58-bit-from-scratch
-baselines; the loss spike at the switch by phase-in schedule and optimizer state (one panel per switch step).
+It writes ``report.md`` (the settings that differ, the quantization and the key metrics; a metric a run lacks
+is "–"), ``report.csv`` (every column; a missing metric is empty) and PNG plots: validation loss against step
+with each run's switch marked; final validation loss against the switch point, with the 16-bit baseline and
+one from-scratch baseline per quantization method; the loss spike at the switch by phase-in schedule and
+optimizer state (one panel per switch step; a spike below zero is drawn as zero). Every file is written
+atomically after all runs have been read, so a bad input leaves an earlier report untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import io
 import json
 import math
 import os
@@ -36,35 +44,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitflow.events import read_events
+from bitflow.io import atomic_write_bytes, atomic_write_text
+from bitflow.schedules import resolve_switch_step
+
 RUN_MARKERS = ("tb", ".hydra")
 IGNORED_OVERRIDE_PREFIXES = ("hydra.", "hydra/", "paths.", "trainer.enable_progress_bar")
+_ABSENT = object()
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Quantization:
+    """What a run is quantized to and from when: ``step`` None = never (16-bit), 0 = from scratch; ``method``
+    e.g. ``ternary``, ``int4``, ``DQT ternary`` (None for a 16-bit run); ``source``: where the step came
+    from."""
+
+    step: int | None
+    method: str | None
+    source: str
+
+    @property
+    def label(self) -> str:
+        """``16-bit``, ``<method> from scratch`` or ``16-bit -> <method> at step <t0>``."""
+        if self.step is None:
+            return "16-bit"
+        method = self.method or "quantized"
+        return f"{method} from scratch" if self.step == 0 else f"16-bit -> {method} at step {self.step}"
+
+
 @dataclass
 class Run:
     """Everything the report needs from one run directory."""
 
     path: Path
     overrides: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
+    config: Any = None  # the run's .hydra/config.yaml as an OmegaConf DictConfig (None: no config)
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     wall_time: float | None = None
     downstream: dict[str, float] = field(default_factory=dict)
+    display: str = ""  # the name the table and legends use (set by make_report)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.display or self.path.name
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The config value at the dotted ``key`` (OmegaConf.select; an unresolvable interpolation: None)."""
+        if self.config is None:
+            return default
+        from omegaconf import OmegaConf
+
+        return OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=False)
 
     def setting(self, key: str) -> str:
         """The run's value of a setting: from its config (resolved; a sweep over one setting shows the others'
-        values too), else from its command line, else "". A config group (a dict) has no single value: ""."""
-        if _has(self.config, key):
-            value = _get(self.config, key)
-            if isinstance(value, (dict, list)):
-                return ""
-            return "null" if value is None else str(value)
-        return self.overrides.get(key, "")
+        values too), else from its command line, else "". A config group (a node) shows its command-line
+        choice (``quant=dqt_ternary``: ``dqt_ternary``), else ""."""
+        from omegaconf import DictConfig, ListConfig
+
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
+            return self.overrides.get(key, "")
+        if isinstance(value, (DictConfig, ListConfig)):
+            return self.overrides.get(key, "") if isinstance(value, DictConfig) else ""
+        return "null" if value is None else str(value)
 
     def series(self, tag: str) -> list[tuple[int, float]]:
         return self.scalars.get(tag, [])
@@ -75,54 +120,79 @@ class Run:
 
     @property
     def max_steps(self) -> int | None:
-        value = _get(self.config, "trainer.max_steps")
-        return int(value) if isinstance(value, int) else None
+        value = self.get("trainer.max_steps")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @functools.cached_property
+    def quantization(self) -> Quantization:
+        """The run's :class:`Quantization` (see the module docstring for where the step comes from); a config
+        whose switch step cannot be resolved adds a note."""
+        method = self.method
+        logged = self.series("quant/switch_step")
+        if logged:
+            return Quantization(int(logged[-1][1]), method, "quant/switch_step")
+        for node in ("dqt", "transition"):  # a legacy DQT run's own callback, then the precision transition
+            if self.get(f"{node}._target_"):
+                at = self.get(f"{node}.at", 0 if node == "dqt" else _ABSENT)
+                if at is _ABSENT:
+                    continue
+                try:
+                    step = resolve_switch_step(at, self.max_steps, key=f"{node}.at")
+                except ValueError as err:
+                    self.notes.append(f"{self.name}: {err}; switch step taken from quant/lambda")
+                    break
+                return Quantization(step, method if step is not None else None, f"{node}.at")
+        for step, value in self.series("quant/lambda"):
+            if value > 0:
+                return Quantization(step, method, "quant/lambda")
+        return Quantization(None, None, "none")
 
     @property
     def switch_step(self) -> int | None:
-        """Step of the 16-bit -> ternary switch (None: never switched)."""
-        transition = _get(self.config, "transition")
-        if isinstance(transition, dict) and transition.get("_target_"):
-            return resolve_switch_step(transition.get("at"), self.max_steps)
-        for step, value in self.series("quant/lambda"):
-            if value > 0:
-                return step
-        return None
+        """Step of the 16-bit -> quantized switch (0: quantized from scratch; None: never quantized)."""
+        return self.quantization.step
 
+    @property
+    def method(self) -> str | None:
+        """The quantization method from the config: ``DQT ternary`` / ``DQT int8`` for a legacy ``dqt`` node,
+        else from ``quant.kind`` (the transition's ``quant`` node first): ``bitlinear`` -> ``ternary`` or
+        ``int<bits>``, ``dqt`` -> ``DQT ternary`` / ``DQT int<bits>``, another kind as named; ``none`` ->
+        None."""
+        if self.get("dqt._target_"):
+            bits = self.get("dqt.bits")
+            return "DQT ternary" if bits is None else f"DQT int{bits}"
+        from omegaconf import DictConfig
 
-def _get(cfg: dict[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
+        node = self.get("transition.quant")
+        if not isinstance(node, DictConfig):
+            node = self.get("quant")
+        if not isinstance(node, DictConfig):
             return None
-        node = node[key]
-    return node
-
-
-def _has(cfg: dict[str, Any], dotted: str) -> bool:
-    parent, _, last = dotted.rpartition(".")
-    node = _get(cfg, parent) if parent else cfg
-    return isinstance(node, dict) and last in node
-
-
-def resolve_switch_step(at: Any, max_steps: int | None) -> int | None:
-    """``transition.at`` as a step, as :class:`~bitflow.callbacks.PrecisionTransition` resolves it: None =
-    never, a float in (0, 1) = ``round(at * max_steps)``, 0 or an int = that step."""
-    if at is None:
-        return None
-    if isinstance(at, float) and at != 0.0:
-        return round(at * max_steps) if max_steps else None
-    return int(at)
+        kind = node.get("recipe", node.get("kind"))  # quant.recipe (quant.kind before the recipes)
+        if kind in (None, "none"):
+            return None
+        bits = next((node.get(k) for k in ("weight_bits", "bits") if node.get(k) is not None), None)
+        base = "ternary" if bits is None else f"int{bits}"
+        if kind == "bitlinear":
+            return base
+        if kind == "dqt":
+            return f"DQT {base}"
+        return str(kind)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories in ``paths``: each path that is a run (has ``tb/`` or ``.hydra/``), else the runs below
-    it (a multirun's numbered job folders). Sorted by job number where the names are numbers. Raises
-    FileNotFoundError for a missing path and ValueError when no run is found."""
+    """Run directories in ``paths`` (relative and absolute paths mixed freely): each path that is a run (has
+    ``tb/`` or ``.hydra/``), else the runs below it (a multirun's numbered job folders), sorted by job number
+    where the names are numbers; a run given twice counts once. Raises FileNotFoundError for a missing path
+    and ValueError for a path with no run below it, naming the path."""
     runs: list[Path] = []
+    seen: set[Path] = set()
     for p in map(Path, paths):
+        shown = f"{p}" if p.is_absolute() else f"{p} (= {p.resolve()})"
+        if not p.exists():
+            raise FileNotFoundError(f"no such directory: {shown}")
         if not p.is_dir():
-            raise FileNotFoundError(f"bitflow-report: no such directory: {p}")
+            raise NotADirectoryError(f"not a directory: {shown}; give a run or multirun directory")
         if any((p / m).is_dir() for m in RUN_MARKERS):
             found = [p]
         else:
@@ -135,57 +205,13 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
                 },
                 key=lambda d: [int(x) if x.isdigit() else x for x in d.relative_to(p).parts],
             )
-        runs += [r for r in found if r not in runs]
-    if not runs:
-        raise ValueError(
-            f"bitflow-report: no run directories (with tb/ or .hydra/) under {[str(p) for p in paths]}"
-        )
+        if not found:
+            raise ValueError(f"no run directories (with tb/ or .hydra/) under {shown}")
+        for run in found:
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                runs.append(run.resolve())
     return runs
-
-
-def read_scalars(tb_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], float | None]:
-    """All scalar series of the event files in ``tb_dir`` as ``{tag: [(step, value), ...]}`` sorted by step (a
-    step logged twice keeps its last value), and the wall time in seconds from the first to the last event."""
-    if not tb_dir.is_dir():
-        return {}, None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    # purge_orphaned_data=False: an evaluation appended later (bitflow-eval) may log an earlier step than the
-    # run's last one
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
-    acc.Reload()
-    scalars, times = {}, []
-    for tag in acc.Tags().get("scalars", []):
-        events = acc.Scalars(tag)
-        by_step = {}
-        for e in sorted(events, key=lambda e: e.wall_time):
-            by_step[int(e.step)] = float(e.value)
-        scalars[tag] = sorted(by_step.items())
-        if not tag.startswith("eval/"):  # later evaluations do not count as training time
-            times += [e.wall_time for e in events]
-    return scalars, (max(times) - min(times)) if times else None
-
-
-def _resolved(node: Any) -> Any:
-    """A plain container of an OmegaConf node with every interpolation resolved where possible; one that needs
-    Hydra's runtime (``${hydra:runtime.output_dir}``) stays as written."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if not isinstance(node, (DictConfig, ListConfig)):
-        return node
-    raw = OmegaConf.to_container(node, resolve=False)
-    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
-    out = {} if isinstance(node, DictConfig) else []
-    for key in keys:
-        try:
-            value = _resolved(node[key])
-        except Exception:  # omegaconf's resolution errors: keep the interpolation text
-            value = raw[key]
-        if isinstance(out, dict):
-            out[str(key)] = value
-        else:
-            out.append(value)
-    return out
 
 
 def _read_yaml(path: Path) -> Any:
@@ -193,26 +219,32 @@ def _read_yaml(path: Path) -> Any:
         return None
     from omegaconf import OmegaConf
 
-    return _resolved(OmegaConf.load(path))
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml's and omegaconf's parse errors
+        raise ValueError(f"cannot read {path}: {err}") from err
 
 
 def read_run(path: Path) -> Run:
     """Read a run directory (see the module docstring)."""
-    run = Run(path=path)
-    overrides = _read_yaml(path / ".hydra" / "overrides.yaml") or []
-    for item in overrides:
+    run = Run(path=Path(path))
+    for item in _read_yaml(run.path / ".hydra" / "overrides.yaml") or []:
         key, _, value = str(item).partition("=")
         run.overrides[key.lstrip("+~")] = value
-    run.config = _read_yaml(path / ".hydra" / "config.yaml") or {}
-    run.scalars, run.wall_time = read_scalars(path / "tb")
+    run.config = _read_yaml(run.path / ".hydra" / "config.yaml")
+    events = read_events(run.path / "tb")
+    run.scalars, run.wall_time = events.scalars, events.wall_time_span()
     for tag, series in run.scalars.items():
         if tag.startswith("eval/") and series:
             run.downstream[tag[len("eval/") :]] = series[-1][1]
-    for results in sorted(path.glob("**/eval_results.json")):
-        data = json.loads(results.read_text())
+    for results in sorted(run.path.glob("**/eval_results.json")):
+        try:
+            data = json.loads(results.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot read {results}: {err}") from err
         for task, metrics in data.get("results", {}).items():
             for metric, value in metrics.items():
-                if not metric.endswith("_stderr"):
+                if not metric.endswith("_stderr") and isinstance(value, (int, float)):
                     run.downstream[f"{task}/{metric}"] = float(value)
     return run
 
@@ -226,24 +258,42 @@ IGNORED_CONFIG_PREFIXES = (
     "task_name",
     "trainer.enable_progress_bar",
 )
+# config nodes the `quantization` column sums up: the markdown table leaves their other leaves to the CSV
+QUANT_NODES = ("quant.", "transition.quant.", "dqt.", "callbacks.dqt.")
+MAX_MARKDOWN_SETTINGS = 8
+KEY_METRICS = (
+    "switch_step",
+    "final_val_loss",
+    "final_val_ppl",
+    "best_val_loss",
+    "transition/spike",
+    "transition/recovery_steps",
+    "tokens_per_sec",
+    "wall_time_s",
+)
 
 
-def _leaves(cfg: Any, prefix: str = "") -> list[str]:
-    """Dotted keys of every non-dict value in a nested config."""
-    if not isinstance(cfg, dict):
-        return [prefix] if prefix else []
-    return [k for key, value in cfg.items() for k in _leaves(value, f"{prefix}{key}.")] if cfg else []
+def _leaves(run: Run) -> list[str]:
+    """Dotted keys of every non-dict value in a run's config."""
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix[:-1]] if prefix else []
+        return [k for key, value in node.items() for k in walk(value, f"{prefix}{key}.")]
+
+    return walk(OmegaConf.to_container(run.config, resolve=False), "") if run.config is not None else []
 
 
 def differing_overrides(runs: list[Run]) -> list[str]:
-    """The swept settings: override keys whose value (command line, else config) is not the same in every run,
-    in command-line order (all override keys when there is one run). Config group choices
-    (``transition=default``, ``+experiment=x``) are left out: the settings they bring show instead."""
+    """The swept settings: override keys whose value (config, else command line) is not the same in every run,
+    in command-line order (all override keys when there is one run). A config group choice
+    (``quant=dqt_ternary``) counts with its command-line value."""
     keys = sorted(
         {k for r in runs for k in r.overrides if not k.startswith(IGNORED_OVERRIDE_PREFIXES)},
         key=lambda k: min(list(r.overrides).index(k) for r in runs if k in r.overrides),
     )
-    keys = [k for k in keys if any(_has(r.config, k) and r.setting(k) != "" for r in runs)]
+    keys = [k for k in keys if any(r.setting(k) != "" for r in runs)]
     if len(runs) == 1:
         return keys
     return [k for k in keys if len({r.setting(k) for r in runs}) > 1]
@@ -255,7 +305,7 @@ def differing_settings(runs: list[Run]) -> list[str]:
     keys = differing_overrides(runs)
     if len(runs) == 1:
         return keys
-    leaves = dict.fromkeys(k[:-1] for r in runs for k in _leaves(r.config))
+    leaves = dict.fromkeys(k for r in runs for k in _leaves(r))
     extra = [
         k
         for k in leaves
@@ -264,6 +314,28 @@ def differing_settings(runs: list[Run]) -> list[str]:
         and len({r.setting(k) for r in runs}) > 1
     ]
     return keys + extra
+
+
+def markdown_settings(runs: list[Run], keys: list[str]) -> list[str]:
+    """The settings the markdown table shows, out of ``keys`` (all that differ): the swept overrides, then the
+    other differing config values that every run has (a node only some runs have, e.g. a DQT callback's
+    options, is summed up by the quantization column), leaving out those of the quantization nodes, a copy of
+    a column already shown (an interpolation such as ``callbacks.dqt: ${dqt}``) and any past
+    ``MAX_MARKDOWN_SETTINGS``. The CSV keeps them all."""
+    swept = set(differing_overrides(runs)) if len(runs) > 1 else set(keys)
+    shown: list[str] = []
+    seen_values: set[tuple[str, ...]] = set()
+    for k in keys:
+        values = tuple(r.setting(k) for r in runs)
+        if k not in swept and (
+            k.startswith(QUANT_NODES)
+            or any(r.get(k, _ABSENT) is _ABSENT for r in runs)
+            or values in seen_values
+        ):
+            continue
+        seen_values.add(values)
+        shown.append(k)
+    return shown[:MAX_MARKDOWN_SETTINGS]
 
 
 def _ppl(loss: float | None) -> float | None:
@@ -284,16 +356,17 @@ def main_metric(metrics: list[str]) -> list[str]:
 
 
 def run_row(run: Run, keys: list[str]) -> dict[str, Any]:
-    """One report row: the differing overrides, then the metrics."""
+    """One report row: the run, its quantization, the differing settings, then the metrics (None: missing)."""
     val = run.series("val/loss")
     final = val[-1][1] if val else None
     best = min(v for _, v in val) if val else None
     tps = [v for _, v in run.series("train/tokens_per_sec")]
-    row: dict[str, Any] = {"run": str(run.path)}
+    quant = run.quantization
+    row: dict[str, Any] = {"run": str(run.path), "quantization": quant.label}
     row.update({k: run.setting(k) for k in keys})
     row.update(
         {
-            "switch_step": run.switch_step,
+            "switch_step": quant.step,
             "final_val_loss": final,
             "final_val_ppl": _ppl(final),
             "best_val_loss": best,
@@ -310,12 +383,14 @@ def run_row(run: Run, keys: list[str]) -> dict[str, Any]:
 
 
 def _fmt(value: Any, column: str = "") -> str:
-    """A table cell: losses and accuracies with 4 decimals, perplexities 2, speeds and times 0-1, steps as
-    ints."""
+    """A table cell: "–" when missing; losses and accuracies with 4 decimals, perplexities 2, speeds and times
+    0-1, steps as ints."""
     if value is None or value == "":
         return "–"
     if not isinstance(value, float):
         return str(value)
+    if math.isnan(value):
+        return "–"
     if abs(value) >= 1e6:
         return f"{value:.3e}"
     if "loss" in column or "spike" in column or column.startswith("eval/"):
@@ -327,157 +402,193 @@ def _fmt(value: Any, column: str = "") -> str:
     return f"{value:.0f}" if value.is_integer() or abs(value) >= 100 else f"{value:.4g}"
 
 
-def write_table(
-    rows: list[dict[str, Any]], keys: list[str], out: Path, plots: list[Path] | None = None
-) -> tuple[Path, Path]:
-    """``report.csv`` (every column) and ``report.md`` (overrides, losses, transition, speed, main
-    accuracies)."""
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    """``report.csv``: every column of every row; a missing value is an empty cell."""
     columns = list(dict.fromkeys(c for row in rows for c in row))
-    csv_path = out / "report.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+    return buf.getvalue()
+
+
+def render_markdown(
+    runs: list[Run], rows: list[dict[str, Any]], keys: list[str], plots: list[str], notes: list[str]
+) -> str:
+    """``report.md``: the run, its quantization, the settings of :func:`markdown_settings`, the key metrics
+    any run has and the main downstream accuracies; then the notes and the plots."""
+    shown_keys = markdown_settings(runs, keys)
+    columns = list(dict.fromkeys(c for row in rows for c in row))
     evals = main_metric([c[len("eval/") :] for c in columns if c.startswith("eval/")])
-    shown = [
-        "run",
-        *keys,
-        "switch_step",
-        "final_val_loss",
-        "final_val_ppl",
-        "best_val_loss",
-        "best_val_ppl",
-        "transition/spike",
-        "transition/recovery_steps",
-        "tokens_per_sec",
-        "wall_time_s",
-        *[f"eval/{e}" for e in evals],
+    metrics = [
+        c for c in (*KEY_METRICS, *[f"eval/{e}" for e in evals]) if any(r.get(c) is not None for r in rows)
     ]
-    shown = [c for c in shown if c in ("run", *keys) or any(row.get(c) is not None for row in rows)]
-    md_path = out / "report.md"
+    shown = ["run", "quantization", *shown_keys, *metrics]
+    hidden = len(keys) - len(shown_keys)
     lines = [
         "# bitflow report",
         "",
-        f"{len(rows)} run(s). Settings shown: those that differ between the runs. Losses in nats/token, "
-        "ppl = exp(loss); tokens/s is the median over training; wall time from the first to the last "
-        "training event. Full table: report.csv.",
+        f"{len(rows)} run(s). Settings shown: those that differ between the runs"
+        + (f" ({hidden} more differ: see report.csv)" if hidden else "")
+        + ". Losses in nats/token, ppl = exp(loss); tokens/s is the median over training; wall time from the "
+        "first to the last training event; – = not logged by that run. Full table: report.csv.",
         "",
         "| " + " | ".join(c.replace("|", "/") for c in shown) + " |",
         "|" + "|".join("---" for _ in shown) + "|",
     ]
-    # runs are named by their path below the directory all of them share (0, 1, ... for a multirun)
-    common = os.path.commonpath([row["run"] for row in rows]) if len(rows) > 1 else None
-    for row in rows:
-        cells = []
-        for c in shown:
-            value = row.get(c)
-            if c == "run" and common and str(value).startswith(common):
-                value = str(value)[len(common) :].lstrip("/") or value
-            cells.append(_fmt(value, c))
-        lines.append("| " + " | ".join(cells) + " |")
+    for run, row in zip(runs, rows, strict=True):
+        cells = [_fmt(run.name if c == "run" else row.get(c), c) for c in shown]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    if notes:
+        lines += ["", "Notes:", "", *[f"- {n}" for n in notes]]
     if plots:
-        lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
-    md_path.write_text("\n".join(lines) + "\n")
-    return md_path, csv_path
+        lines += ["", *[f"![{Path(p).stem}]({p})" for p in plots]]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- plots
 def _label(run: Run, keys: list[str], width: int = 70) -> str:
-    """Legend text: the run's values of the swept overrides (short key names), else the run's directory."""
+    """Legend text: the run's values of the swept overrides (short key names), else the run's name."""
     parts = [f"{k.split('.')[-1]}={run.setting(k)}" for k in keys if run.setting(k) != ""]
     text = ", ".join(parts) or run.name
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def plot_val_loss(runs: list[Run], keys: list[str], path: Path) -> Path | None:
-    """Validation loss against step, one line per run; a dashed vertical line (same colour) at each switch."""
+def _png(fig, note: str = "") -> bytes:
+    """Lay out a figure (with ``note`` in small print under it), render it as a 120-dpi PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", wrap=True)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+    else:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_val_loss(runs: list[Run], keys: list[str]) -> bytes | None:
+    """Validation loss against step, one line per run, named by its swept settings and, when the runs differ
+    in it, its quantization; a dashed vertical line (same colour) at each switch. Runs without ``val/loss``
+    are named in a note under the plot."""
     import matplotlib.pyplot as plt
 
     drawn = [r for r in runs if r.series("val/loss")]
     if not drawn:
         return None
-    # name the precision of runs that never switch or start ternary, when the runs differ in that
-    mixed = len({r.switch_step if r.switch_step in (None, 0) else "t0" for r in drawn}) > 1
+    mixed = len({r.quantization.label for r in drawn}) > 1
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(drawn):
         steps, values = zip(*run.series("val/loss"), strict=True)
         color = f"C{i % 10}"
-        label = _label(run, keys)
-        if mixed and run.switch_step in (None, 0):
-            label += " (16-bit)" if run.switch_step is None else " (1.58-bit from the start)"
+        label = _label(run, keys) + (f" ({run.quantization.label})" if mixed else "")
         ax.plot(steps, values, marker="o", markersize=3, color=color, label=label)
         t0 = run.switch_step
         if t0 is not None and t0 > 0:
             ax.axvline(t0, color=color, linestyle="--", alpha=0.6, linewidth=1)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss (dashed: each run's 16-bit -> 1.58-bit switch)")
+    ax.set_title("Validation loss (dashed: each run's 16-bit -> quantized switch)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    missing = [r.name for r in runs if not r.series("val/loss")]
+    return _png(fig, f"not drawn (no val/loss logged): {', '.join(missing)}" if missing else "")
 
 
-def _save(fig, path: Path) -> Path:
-    """Lay out, write as a 120-dpi PNG and close a figure; returns ``path``."""
-    import matplotlib.pyplot as plt
+@dataclass
+class SwitchPoints:
+    """What ``final_loss_vs_switch.png`` draws: ``series`` name -> [(switch point in % of training, final val
+    loss)] of the runs switched mid-run; ``fp16``: the mean final val loss of the never-quantized runs only;
+    ``scratch``: per from-scratch label (``ternary from scratch``, ``DQT ternary from scratch``) the mean
+    final val loss of those runs."""
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    series: dict[str, list[tuple[float, float]]]
+    fp16: float | None
+    scratch: dict[str, float]
 
 
-def plot_switch_point(runs: list[Run], keys: list[str], path: Path) -> Path | None:
-    """Final validation loss against the switch point (% of training), one series per setting of the other
-    swept overrides, with the 16-bit (never switched) and 1.58-bit-from-scratch (switch at 0) baselines as
-    lines."""
-    import matplotlib.pyplot as plt
-
-    def final(run: Run) -> float | None:
-        return run.last("val/loss")
-
-    switched = [r for r in runs if r.switch_step and r.max_steps and final(r) is not None]
-    fp16 = [final(r) for r in runs if r.switch_step is None and final(r) is not None]
-    ternary = [final(r) for r in runs if r.switch_step == 0 and final(r) is not None]
-    if not switched:
-        return None
-    other = [k for k in keys if k != "transition.at"]
+def switch_points(runs: list[Run], keys: list[str]) -> SwitchPoints:
+    """The data of :func:`plot_switch_point`: one series per setting of the swept overrides other than the
+    switch point (and per method when the switched runs differ in it); baselines kept apart per method, so a
+    quantized run is never averaged into the 16-bit baseline."""
+    finished = [r for r in runs if r.last("val/loss") is not None]
+    switched = [r for r in finished if r.switch_step and r.max_steps]
+    fp16 = [r.last("val/loss") for r in finished if r.switch_step is None]
+    scratch: dict[str, list[float]] = {}
+    for r in finished:
+        if r.switch_step == 0:
+            scratch.setdefault(r.quantization.label, []).append(r.last("val/loss"))
+    other = [k for k in keys if not k.endswith(".at")]
+    many_methods = len({r.quantization.method for r in switched}) > 1
     series: dict[str, list[tuple[float, float]]] = {}
     for r in switched:
-        name = ", ".join(f"{k.split('.')[-1]}={r.setting(k)}" for k in other if r.setting(k) != "")
-        name = name or "switched runs"
-        series.setdefault(name, []).append((100.0 * r.switch_step / r.max_steps, final(r)))
+        parts = [f"{k.split('.')[-1]}={r.setting(k)}" for k in other if r.setting(k) != ""]
+        if many_methods:
+            parts.insert(0, r.quantization.method or "quantized")
+        series.setdefault(", ".join(parts) or "switched runs", []).append(
+            (100.0 * r.switch_step / r.max_steps, r.last("val/loss"))
+        )
+    return SwitchPoints(
+        {name: sorted(pts) for name, pts in sorted(series.items())},
+        statistics.mean(fp16) if fp16 else None,
+        {label: statistics.mean(finals) for label, finals in sorted(scratch.items())},
+    )
+
+
+def plot_switch_point(runs: list[Run], keys: list[str]) -> bytes | None:
+    """Final validation loss against the switch point (% of training) as :func:`switch_points` gives it, with
+    the 16-bit baseline and one from-scratch baseline per method as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    data = switch_points(runs, keys)
+    if not data.series:
+        return None
     fig, ax = plt.subplots(figsize=(7, 5))
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        xs, ys = zip(*sorted(pts), strict=True)
+    for i, (name, pts) in enumerate(data.series.items()):
+        xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=name)
-    if fp16:
-        ax.axhline(statistics.mean(fp16), color="black", linestyle="--", label="16-bit baseline")
-    if ternary:
-        ax.axhline(statistics.mean(ternary), color="gray", linestyle=":", label="1.58-bit from scratch")
+    if data.fp16 is not None:
+        ax.axhline(data.fp16, color="black", linestyle="--", label="16-bit baseline")
+    for j, (label, loss) in enumerate(data.scratch.items()):
+        ax.axhline(loss, color=f"{0.35 + 0.15 * (j % 4):.2f}", linestyle=":", label=label)
     ax.set_xlabel("switch point (% of training steps)")
     ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("When to switch from 16-bit to 1.58-bit")
+    ax.set_title("When to switch from 16-bit to quantized")
     ax.set_xlim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def plot_spike(runs: list[Run], path: Path) -> Path | None:
+def spike_cells(runs: list[Run]) -> tuple[dict[tuple[int, str, str], list[float]], list[str]]:
+    """The data of :func:`plot_spike`: (switch step, phase-in schedule, optimizer state) -> the runs' spikes,
+    each below zero raised to zero, and the runs so raised (``name (value)``)."""
+    cells: dict[tuple[int, str, str], list[float]] = {}
+    negative = []
+    with_spike = [r for r in runs if r.last("transition/spike") is not None]
+    many_methods = len({r.quantization.method for r in with_spike}) > 1
+    for r in with_spike:
+        spike = r.last("transition/spike")
+        if spike < 0:
+            negative.append(f"{r.name} ({spike:.4f})")
+        phase = str(r.get("transition.phase_in") or "none")
+        if many_methods:
+            phase = f"{r.quantization.method}, {phase}"
+        state = str(r.get("transition.optimizer_state") or r.get("dqt.optimizer_state") or "keep")
+        cells.setdefault((r.switch_step or 0, phase, state), []).append(max(spike, 0.0))
+    return cells, negative
+
+
+def plot_spike(runs: list[Run]) -> bytes | None:
     """Loss spike at the switch (``transition/spike``) by phase-in schedule (x) and optimizer state (bars):
-    the mean over runs with that pair, each run as a dot; one panel per switch step, so like meets like."""
+    the mean over runs with that pair, each run as a dot; one panel per switch step, so like meets like. A
+    spike below zero (the loss fell at the switch) is drawn as zero, with a note under the plot."""
     import matplotlib.pyplot as plt
 
-    cells: dict[tuple[int, str, str], list[float]] = {}
-    for r in runs:
-        spike = r.last("transition/spike")
-        if spike is None:
-            continue
-        phase = str(_get(r.config, "transition.phase_in") or "none")
-        state = str(_get(r.config, "transition.optimizer_state") or "keep")
-        cells.setdefault((r.switch_step or 0, phase, state), []).append(spike)
+    cells, negative = spike_cells(runs)
     if not cells:
         return None
     switches = sorted({t0 for t0, _, _ in cells})
@@ -508,46 +619,114 @@ def plot_spike(runs: list[Run], path: Path) -> Path | None:
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("loss spike at the switch (nats/token)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Loss spike at the 16-bit -> 1.58-bit switch")
-    return _save(fig, path)
+    fig.suptitle("Loss spike at the 16-bit -> quantized switch")
+    note = f"spike < 0 (the loss fell at the switch) drawn as 0: {', '.join(negative)}" if negative else ""
+    return _png(fig, note)
 
 
 # ----------------------------------------------------------------------------------------- entry point
+def _display_names(runs: list[Run]) -> None:
+    """Name each run by its path below the directory all of them share (0, 1, ... for a multirun)."""
+    if len(runs) == 1:
+        runs[0].display = runs[0].path.name
+        return
+    common = Path(os.path.commonpath([str(r.path) for r in runs]))
+    for r in runs:
+        r.display = str(r.path.relative_to(common)) if r.path != common else r.path.name
+
+
+def report_notes(runs: list[Run]) -> list[str]:
+    """What a reader of the table must know: runs without ``val/loss`` (in the table, not in the loss plots),
+    negative spikes (drawn as zero), switch steps that could not be resolved from the config."""
+    notes = [n for r in runs for n in r.notes]
+    missing = [r.name for r in runs if not r.series("val/loss")]
+    if missing:
+        notes.append(f"no val/loss logged (metrics shown as –, not in the loss plots): {', '.join(missing)}")
+    negative = [
+        f"{r.name} ({r.last('transition/spike'):.4f})" for r in runs if (r.last("transition/spike") or 0) < 0
+    ]
+    if negative:
+        notes.append(
+            "transition/spike < 0 (the loss fell at the switch; the table keeps the value, "
+            f"spike_by_phase_in.png draws it as 0): {', '.join(negative)}"
+        )
+    return notes
+
+
 def make_report(paths: list[str | Path], out: str | Path | None = None) -> dict[str, Any]:
-    """Read the runs under ``paths`` and write report.md, report.csv and the plots into ``out`` (default: the
-    directory given, when there is one; else ./report). Returns ``{"rows", "markdown", "csv", "plots"}``."""
+    """Read the runs under ``paths`` (any mix of relative and absolute paths) and write report.md, report.csv
+    and the plots into ``out`` (default: the directory given, when there is one; else ./report). Everything is
+    read and rendered first, then each file is written atomically. Returns ``{"rows", "markdown", "csv",
+    "plots"}``."""
     import matplotlib
 
     matplotlib.use("Agg")
-    runs = [read_run(p) for p in find_runs(list(paths))]
+    if not paths:
+        raise ValueError("no directories given")
     out = Path(out) if out is not None else (Path(paths[0]) if len(paths) == 1 else Path("report"))
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    runs = [read_run(p) for p in find_runs(list(paths))]
+    _display_names(runs)
     keys = differing_settings(runs)
     rows = [run_row(r, keys) for r in runs]
     # legends name the swept overrides; a single run's legend is its name, not all its overrides
     swept = differing_overrides(runs) if len(runs) > 1 else []
-    plots = [
-        p
-        for p in (
-            plot_val_loss(runs, swept, out / "val_loss.png"),
-            plot_switch_point(runs, swept, out / "final_loss_vs_switch.png"),
-            plot_spike(runs, out / "spike_by_phase_in.png"),
-        )
-        if p is not None
-    ]
-    md, csv_path = write_table(rows, keys, out, plots)
-    return {"rows": rows, "markdown": md, "csv": csv_path, "plots": plots}
+    rendered = {
+        "val_loss.png": plot_val_loss(runs, swept),
+        "final_loss_vs_switch.png": plot_switch_point(runs, swept),
+        "spike_by_phase_in.png": plot_spike(runs),
+    }
+    images = {name: data for name, data in rendered.items() if data is not None}
+    markdown = render_markdown(runs, rows, keys, list(images), report_notes(runs))
+    table = render_csv(rows)
+    # every input is read and every output rendered: only now touch the output directory
+    plots = [atomic_write_bytes(out / name, data) for name, data in images.items()]
+    csv_path = atomic_write_text(out / "report.csv", table)
+    md_path = atomic_write_text(out / "report.md", markdown)
+    return {"rows": rows, "markdown": md_path, "csv": csv_path, "plots": plots}
+
+
+HELP_EPILOG = """\
+A run directory holds tb/ (TensorBoard events) and .hydra/ (Hydra's config.yaml and overrides.yaml); any other
+directory is searched for runs below it, so a multirun's sweep directory reports all its jobs. Relative and
+absolute paths can be mixed.
+
+writes into --out:
+  report.md                 the settings that differ between the runs, each run's quantization
+                            (16-bit / <method> from scratch / 16-bit -> <method> at step N) and the key
+                            metrics (final/best val loss and ppl, switch step, transition spike and
+                            recovery, tokens/s, wall time, main downstream accuracies); "–" = not logged
+  report.csv                every column, every run (a missing value is an empty cell)
+  val_loss.png              validation loss per run, each switch dashed
+  final_loss_vs_switch.png  final val loss against the switch point, with 16-bit and from-scratch baselines
+  spike_by_phase_in.png     loss spike at the switch by phase-in schedule and optimizer state
+
+examples:
+  bitflow-report multirun/transition_50pct/2026-01-01_12-00-00
+  bitflow-report outputs/train/run_a /data/outputs/train/run_b --out reports/ab
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``bitflow-report DIR... [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="bitflow-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", help="a multirun directory, or run directories")
-    parser.add_argument("--out", default=None, help="output directory (default: DIR when one is given)")
+    parser = argparse.ArgumentParser(
+        prog="bitflow-report",
+        description="One table (markdown + CSV) and plots comparing bitflow runs (a multirun or run dirs).",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun directory, or run directories")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory (default: DIR when one is given, else ./report)",
+    )
     args = parser.parse_args(argv)
     try:
         result = make_report(args.dirs, args.out)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"bitflow-report: error: {err}", file=sys.stderr)
         return 2
     print(result["markdown"].read_text())

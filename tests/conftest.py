@@ -25,3 +25,11 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(cache_dir: Path, tmp_path: Path) -> list[str]:
     return [*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / 'run'}"]
 
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers: a test that needs the token cache (a real corpus: Trainer fits, `bitflow` subprocesses) is
+    ``integration``; ``make test-unit`` runs the rest (``-m "not slow and not integration"``) in under a minute."""
+    for item in items:
+        if "cache_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -37,16 +37,11 @@ def compose(overrides: list[str]):
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``run_dir``, as tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every scalar in the TensorBoard event files under ``run_dir``, as tag -> [(step, value)] sorted by step
+    (:func:`bitflow.events.read_scalars`, the reader bitflow-report uses)."""
+    from bitflow.events import read_scalars as read
 
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
+    return read(run_dir)
 
 
 def bitflow_env(cache_dir: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bitflow.cli import CONFIG_DIR, build_callbacks, instantiate
+from bitflow.cli import CONFIG_DIR, build_callbacks, instantiate, prepare_config
 from bitflow.models.llama import Llama, LlamaConfig
 from tests.helpers import compose
 
@@ -83,6 +83,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_every_experiment_composes_and_instantiates(name: str, tiny_overrides: list[str]):
     cfg = compose([f"+experiment={name}", *tiny_overrides])
     assert cfg.task_name != "train", "an experiment names its output folder"
+    prepare_config(cfg, explicit=set())  # what `bitflow` does first: checks, precision auto, short-run scaling
     datamodule = instantiate(cfg.data)
     assert datamodule.seq_len == 32
     from bitflow.lm import LanguageModel

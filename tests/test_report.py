@@ -14,11 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from bitflow.report import find_runs, main, make_report, resolve_switch_step
+from bitflow.report import find_runs, main, make_report, read_run, spike_cells, switch_points
+from tests.helpers import compose
 
 MAX_STEPS = 100
 
@@ -114,12 +116,6 @@ def test_report_has_one_row_per_run_with_the_swept_settings(sweep: Path):
         assert f"]({p.name})" in md
 
 
-def test_switch_step_resolution():
-    assert resolve_switch_step(None, 100) is None
-    assert resolve_switch_step(0, 100) == 0 and resolve_switch_step(0.0, 100) == 0
-    assert resolve_switch_step(0.25, 1000) == 250 and resolve_switch_step(300, 1000) == 300
-
-
 def test_bad_report_input_is_a_clear_error(tmp_path: Path, capsys):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         find_runs([tmp_path / "missing"])
@@ -128,6 +124,279 @@ def test_bad_report_input_is_a_clear_error(tmp_path: Path, capsys):
         find_runs([tmp_path / "empty"])
     assert main([str(tmp_path / "empty")]) == 2
     assert "no run directories" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- runs of every kind, as bitflow writes them
+def _hydra_run(
+    path: Path, overrides: list[str], scalars: dict[str, list[tuple[int, float]]], config=None
+) -> Path:
+    """A run directory as the `bitflow` Hydra app writes it: ``.hydra/config.yaml`` (the composed config,
+    unresolved, saved by OmegaConf as Hydra does), ``.hydra/overrides.yaml`` (the command line) and a real
+    TensorBoard event file in ``tb/``. ``config`` defaults to conf/train.yaml composed with ``overrides``."""
+    from omegaconf import OmegaConf
+
+    (path / ".hydra").mkdir(parents=True)
+    cfg = config if config is not None else compose(overrides)
+    OmegaConf.save(cfg, path / ".hydra" / "config.yaml", resolve=False)
+    OmegaConf.save(OmegaConf.create(overrides), path / ".hydra" / "overrides.yaml")
+    writer = SummaryWriter(str(path / "tb"))
+    for tag, series in scalars.items():
+        for step, value in series:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    return path
+
+
+def _composed(overrides: list[str]):
+    """conf/train.yaml composed with ``overrides``, as a plain (non-struct) config keys can be added to."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(OmegaConf.to_container(compose(overrides), resolve=False))
+
+
+def _legacy_dqt(at, bits=None, max_steps: int = MAX_STEPS):
+    """The config of a DQT run of bitflow before the quantization recipes (`bitflow +dqt=ternary`): a 16-bit
+    config plus the `dqt` callback node (conf/dqt/ternary.yaml on main) that callbacks.dqt interpolates."""
+    from omegaconf import OmegaConf
+
+    cfg = _composed([f"trainer.max_steps={max_steps}"])
+    dqt = {
+        "_target_": "bitflow.callbacks.dqt.DirectQuantizedTraining",
+        "_convert_": "all",
+        "at": at,
+        "bits": bits,
+        "act_bits": 8,
+        "include": None,
+        "exclude": ["lm_head"],
+        "init_scale": "absmean",
+        "scale_update": "max",
+        "moment_dtype": "float32",
+        "optimizer_state": "keep",
+        "every_n_steps": None,
+    }
+    return OmegaConf.merge(cfg, {"dqt": dqt, "callbacks": {"dqt": "${dqt}"}})
+
+
+def _val(final: float) -> dict[str, list[tuple[int, float]]]:
+    return {
+        "val/loss": [(49, final + 0.5), (99, final)],
+        "train/tokens_per_sec": [(10, 1000.0), (20, 1200.0)],
+    }
+
+
+@pytest.fixture
+def kinds(tmp_path: Path) -> Path:
+    """One run of every kind: 16-bit (two seeds), BitLinear ternary from scratch and switched at 50%, DQT from
+    scratch and switched at 30% (legacy `dqt` node, no quant/switch_step scalar), a run that logs
+    quant/switch_step itself (the new PrecisionTransition driving DQT int8), one without val/loss, and one
+    whose spike is negative."""
+    root = tmp_path / "kinds"
+    ms = f"trainer.max_steps={MAX_STEPS}"
+    _hydra_run(root / "fp16_a", [ms, "seed=1"], _val(2.0))
+    _hydra_run(root / "fp16_b", [ms, "seed=2"], _val(2.2))
+    _hydra_run(
+        root / "ste_scratch", [ms, "quant=ternary", "transition=default", "transition.at=0"], _val(2.9)
+    )
+    _hydra_run(
+        root / "ste_switch",
+        [ms, "quant=ternary", "transition=default", "transition.at=0.5"],
+        {**_val(2.4), "transition/spike": [(60, 0.3)], "quant/lambda": [(40, 0.0), (50, 1.0)]},
+    )
+    _hydra_run(root / "dqt_scratch", [ms, "+dqt=ternary"], _val(3.1), config=_legacy_dqt(0))
+    _hydra_run(root / "dqt_switch", [ms, "+dqt=ternary", "dqt.at=0.3"], _val(2.6), config=_legacy_dqt(0.3))
+
+    new_dqt = _composed([ms, "quant=dqt_int8", "transition=default", "transition.at=0.5"])
+    _hydra_run(
+        root / "dqt_int8_logged",
+        [ms, "quant=dqt_int8", "transition=default", "transition.at=0.5"],
+        {**_val(2.5), "quant/switch_step": [(40, 40.0)], "transition/spike": [(45, -0.05)]},
+        config=new_dqt,
+    )
+    _hydra_run(
+        root / "no_val",
+        [ms, "quant=ternary", "transition=default", "transition.at=0.5"],
+        {"train/loss": [(0, 5.0), (10, 4.0)]},
+    )
+    return root
+
+
+def test_report_labels_and_baselines_every_kind_of_run(kinds: Path):
+    result = make_report([kinds], out=kinds / "report")
+    rows = {Path(r["run"]).name: r for r in result["rows"]}
+    assert len(rows) == 8  # every run is in the table, the one without val/loss too
+    expected = {
+        "fp16_a": (None, "16-bit"),
+        "fp16_b": (None, "16-bit"),
+        "ste_scratch": (0, "ternary from scratch"),
+        "ste_switch": (50, "16-bit -> ternary at step 50"),
+        "dqt_scratch": (0, "DQT ternary from scratch"),
+        "dqt_switch": (30, "16-bit -> DQT ternary at step 30"),
+        "dqt_int8_logged": (40, "16-bit -> DQT int8 at step 40"),  # the logged scalar wins over transition.at
+        "no_val": (50, "16-bit -> ternary at step 50"),
+    }
+    assert {k: (r["switch_step"], r["quantization"]) for k, r in rows.items()} == expected
+
+    runs = [read_run(Path(r["run"])) for r in result["rows"]]
+    data = switch_points(runs, [])
+    # the 16-bit baseline averages the two 16-bit runs only; each method has its own from-scratch baseline
+    assert data.fp16 == pytest.approx(2.1)
+    assert data.scratch == pytest.approx({"DQT ternary from scratch": 3.1, "ternary from scratch": 2.9})
+    points = {x: y for pts in data.series.values() for x, y in pts}
+    assert points == pytest.approx({50.0: 2.4, 30.0: 2.6, 40.0: 2.5})
+    assert set(data.series) == {"ternary", "DQT ternary", "DQT int8"}  # methods differ: one series each
+
+    # the legend of val_loss.png names the quantization; the 16-bit runs are the only "(16-bit)" ones
+    md = result["markdown"].read_text()
+    assert md.count("| 16-bit |") == 2 and "| DQT ternary from scratch |" in md
+
+
+def test_missing_metrics_and_negative_spikes_are_shown_as_such(kinds: Path):
+    result = make_report([kinds], out=kinds / "report")
+    md = result["markdown"].read_text()
+    no_val = next(line for line in md.splitlines() if line.startswith("| no_val |"))
+    assert "| – | – |" in no_val  # final and best val loss missing, shown as –
+    assert "no val/loss logged (metrics shown as –, not in the loss plots): no_val" in md
+    with open(result["csv"]) as f:
+        table = {Path(r["run"]).name: r for r in csv.DictReader(f)}
+    assert table["no_val"]["final_val_loss"] == "" and table["no_val"]["switch_step"] == "50"
+    # the table keeps the negative spike; the plot draws it as 0, and both say so
+    assert float(table["dqt_int8_logged"]["transition/spike"]) == pytest.approx(-0.05)
+    assert "transition/spike < 0" in md and "dqt_int8_logged (-0.0500)" in md
+    runs = [read_run(Path(r["run"])) for r in result["rows"]]
+    for r, row in zip(runs, result["rows"], strict=True):
+        r.display = Path(row["run"]).name
+    cells, negative = spike_cells(runs)
+    assert negative == ["dqt_int8_logged (-0.0500)"]
+    assert sorted(v for vs in cells.values() for v in vs) == pytest.approx([0.0, 0.3])
+    assert {p.name for p in result["plots"]} == {
+        "val_loss.png",
+        "final_loss_vs_switch.png",
+        "spike_by_phase_in.png",
+    }
+
+
+def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: Path):
+    """A dqt_vs_ste-like sweep (`+dqt=none,ternary,int8,ste_ternary`): the DQT callback's 15 options differ
+    between the runs only by being there; the markdown table sums them up as the quantization column."""
+    root = tmp_path / "dqt_vs_ste"
+    ms = f"trainer.max_steps={MAX_STEPS}"
+    _hydra_run(root / "0", ["+dqt=none", ms], _val(2.0), config=compose([ms]))
+    _hydra_run(root / "1", ["+dqt=ternary", ms], _val(2.3), config=_legacy_dqt(0))
+    _hydra_run(root / "2", ["+dqt=int8", ms], _val(2.1), config=_legacy_dqt(0, bits=8))
+    _hydra_run(
+        root / "3",
+        ["+dqt=ste_ternary", ms],
+        _val(2.2),
+        config=compose([ms, "quant=ternary", "transition=default", "transition.at=0"]),
+    )
+    result = make_report([root])
+    with open(result["csv"]) as f:
+        header = next(csv.reader(f))
+    assert len(header) > 30  # the full table: every differing setting (dqt.*, callbacks.dqt.*, transition.*)
+    md = result["markdown"].read_text()
+    columns = [c.strip() for c in md.splitlines()[4].strip("|").split("|")]
+    assert columns == [
+        "run",
+        "quantization",
+        "dqt",
+        "switch_step",
+        "final_val_loss",
+        "final_val_ppl",
+        "best_val_loss",
+        "tokens_per_sec",
+        "wall_time_s",
+    ]
+    # the others are counted: all columns but run, quantization, the 10 metrics and the one setting shown
+    assert f"({len(header) - 13} more differ: see report.csv)" in md
+    rows = [line.split(" | ")[1] for line in md.splitlines()[6:10]]
+    assert rows == ["16-bit", "DQT ternary from scratch", "DQT int8 from scratch", "ternary from scratch"]
+
+
+def test_relative_and_absolute_paths_mix(kinds: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = make_report(["kinds/fp16_a", str(kinds / "ste_switch"), "./kinds/fp16_a"], out="rep")
+    assert [Path(r["run"]).name for r in result["rows"]] == [
+        "fp16_a",
+        "ste_switch",
+    ]  # the same run counts once
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| fp16_a |" in md and "| ste_switch |" in md
+    assert (tmp_path / "rep" / "val_loss.png").is_file()
+    # and through the console script, as a user types it
+    proc = subprocess.run(
+        ["bitflow-report", "kinds/dqt_scratch", str(kinds / "dqt_switch"), "--out", "rep2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "DQT ternary from scratch" in (tmp_path / "rep2" / "report.md").read_text()
+
+
+def test_a_failure_writes_nothing(kinds: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("the previous report\n")
+    (kinds / "fp16_a" / "eval_results.json").write_text("{not json")
+    assert main([str(kinds), "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert (out / "report.md").read_text() == "the previous report\n"
+
+
+def test_bad_input_names_the_path_before_writing(kinds: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for bad, message in (
+        ("missing", f"no such directory: missing (= {tmp_path / 'missing'})"),
+        ("empty", f"no run directories (with tb/ or .hydra/) under empty (= {tmp_path / 'empty'})"),
+        ("afile", "not a directory: afile"),
+    ):
+        assert main([str(kinds / "fp16_a"), bad, "--out", "out"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def test_help_says_what_it_reads_and_writes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out.lower()
+    for needle in (
+        "dir",
+        "--out",
+        "report.md",
+        "report.csv",
+        "val_loss.png",
+        "examples:",
+        "absolute paths can be mixed",
+    ):
+        assert needle in text
+
+
+def test_event_reader_keeps_the_last_value_of_a_step_logged_twice(tmp_path: Path):
+    """A resumed run writes a second event file into the same tb/ that logs some steps again: one value per
+    step, the later one; the wall time leaves out eval/ scalars appended afterwards."""
+    from bitflow.events import read_events, read_scalars
+
+    first = SummaryWriter(str(tmp_path / "tb"), filename_suffix=".a")
+    for step in range(4):
+        first.add_scalar("train/loss", 5.0 - step, step, walltime=1000.0 + step)
+    first.add_histogram("w", torch.arange(10.0), 3, walltime=1003.0)
+    first.close()
+    second = SummaryWriter(str(tmp_path / "tb"), filename_suffix=".b")
+    for step in range(2, 6):
+        second.add_scalar("train/loss", 10.0 + step, step, walltime=2000.0 + step)
+    second.add_scalar("eval/piqa/acc", 0.5, 5, walltime=9000.0)
+    second.close()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    events = read_events(tmp_path, histograms=True)
+    assert events.scalars["train/loss"] == [(0, 5.0), (1, 4.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+    assert events.wall_time_span() == pytest.approx(1005.0)  # 1000 .. 2005, not the evaluation at 9000
+    assert [(step, h.num) for step, h in events.histograms["w"]] == [(3, 10)]
+    assert read_scalars(tmp_path / "tb") == events.scalars
+    assert read_scalars(tmp_path / "missing") == {}
 
 
 @pytest.mark.slow

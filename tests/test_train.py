@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from bitflow.cli import run_training
+from bitflow.config import ConfigError
 from tests.helpers import TINY, bitflow_env, compose, read_scalars
 
 
@@ -72,22 +73,30 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_overrides: l
 
 
 @pytest.mark.parametrize(
-    "overrides, error, match",
+    "overrides, match",
     [
-        (["data=text", "data.source.paths=[/no/such/corpus/*.txt]"], FileNotFoundError, "/no/such/corpus"),
-        (["data.vocab_size=10"], ValueError, "vocab_size"),
-        (["trainer.max_steps=0"], ValueError, "trainer.max_steps must be a positive integer, got 0"),
-        (["data.seq_len=128"], ValueError, "data.seq_len=128 is longer than the model's context"),
-        (["scheduler.warmup_steps=500"], ValueError, "warmup_steps=500"),
-        (["ckpt_path=/no/such.ckpt"], FileNotFoundError, "/no/such.ckpt"),
+        (["data=text", "data.source.paths=[/no/such/corpus/*.txt]"], "/no/such/corpus"),
+        (["data.vocab_size=10"], r"data\.vocab_size=10 is not allowed; allowed: an integer >= 257"),
+        (["trainer.max_steps=0"], r"trainer\.max_steps=0 is not allowed; allowed: an integer >= 1"),
+        (["data.seq_len=128"], r"data\.seq_len=128 is longer than the model's context model\.max_seq_len=64"),
+        (["scheduler.warmup_steps=500"], r"scheduler\.warmup_steps=500 must be in \[0, trainer\.max_steps=12\]"),
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' does not exist"),
+        (["optimizer.lr=-1"], r"optimizer\.lr=-1 is not allowed; allowed: a number > 0"),
+        (["optimizer.betas=[0.9,1.5]"], r"optimizer\.betas\[1\]=1\.5 is not allowed; allowed: a number in \[0, 1\)"),
+        (["+optimizer.momentum=0.9"], r"unknown optimizer key\(s\) \['momentum'\]; allowed: lr, betas"),
+        (["model.n_heads=3"], r"model\.d_model=32 must be divisible by model\.n_heads=3"),
+        (["trainer.precision=16"], r"trainer\.precision=16 is not allowed; allowed: auto, 32-true, bf16-mixed"),
+        (["data.batch_size=0"], r"data\.batch_size=0 is not allowed; allowed: an integer >= 1"),
+        (["transition=default", "transition.at=0.01"], r"transition\.at=0\.01 of trainer\.max_steps=12 is step 0"),
     ],
 )
-def test_bad_input_fails_before_training(tiny_overrides, tmp_path, overrides, error, match):
+def test_bad_input_fails_before_training(tiny_overrides, tmp_path, overrides, match):
     out = tmp_path / "run"
     if overrides[0].startswith("data="):  # another corpus: the stdlib subset option does not apply
         tiny_overrides = [o for o in tiny_overrides if not o.startswith("data.source.max_files")]
-    with pytest.raises(error, match=match):
-        run_training(compose([*tiny_overrides, *overrides]))
+    explicit = {o.split("=")[0].lstrip("+") for o in overrides}  # as if typed on the command line
+    with pytest.raises(ConfigError, match=match):
+        run_training(compose([*tiny_overrides, *overrides]), explicit=explicit)
     assert not (out / "checkpoints").exists()
     assert not list(out.rglob("events.out.tfevents.*"))
 
@@ -106,7 +115,7 @@ def test_unknown_model_preset_lists_the_known_ones(tmp_path: Path, cache_dir: Pa
 def test_checkpoint_from_another_model_is_rejected(tiny_overrides: list[str], tmp_path: Path):
     run_training(compose([*tiny_overrides, "trainer.max_steps=6"]))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ValueError, match="another model .*d_model: checkpoint 32 vs config 64"):
+    with pytest.raises(ConfigError, match="another model .*d_model: checkpoint 32 vs config 64"):
         run_training(compose([*tiny_overrides, "model.d_model=64", f"ckpt_path={ckpt}",
                               f"paths.output_dir={tmp_path / 'other'}"]))
     assert not (tmp_path / "other").exists()  # rejected before a logger or checkpoint directory is made

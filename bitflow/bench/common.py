@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+
+
+@cache
+def cpu_name() -> str:
+    """The CPU's model name, torch's CPU capability and whether bf16 is native, e.g.
+    ``AMD EPYC 7B13 (AVX2, no native bf16, 2 cores)``: printed with every benchmark table."""
+    import torch
+
+    from bitflow.config import native_bf16_cpu
+
+    name = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    bf16 = "native bf16" if native_bf16_cpu() else "no native bf16"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {bf16}, {os.cpu_count()} cores)"
 
 
 def time_per_call(fn: Callable[[], object], warmup: int = 3, iters: int = 10, repeats: int = 3) -> float:
@@ -33,7 +56,7 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[str] | None 
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print(f"\n{title}")
+    print(f"\n{title}\nCPU: {cpu_name()}")
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for row in cells:

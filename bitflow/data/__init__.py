@@ -3,6 +3,7 @@
 from bitflow.data.cache import TokenCache, build_token_cache
 from bitflow.data.datamodule import ShardSampler, TokenDataModule, TrainWindows, ValWindows
 from bitflow.data.sources import HFSource, Source, StdlibSource, TextSource, build_source
+from bitflow.data.splits import SplitPlan, TokenRange, plan_splits
 from bitflow.data.tokenizer import EOS_TOKEN, build_tokenizer, load_tokenizer, tokenizer_from_checkpoint
 
 __all__ = [
@@ -10,15 +11,18 @@ __all__ = [
     "HFSource",
     "ShardSampler",
     "Source",
+    "SplitPlan",
     "StdlibSource",
     "TextSource",
     "TokenCache",
     "TokenDataModule",
+    "TokenRange",
     "TrainWindows",
     "ValWindows",
     "build_source",
     "build_token_cache",
     "build_tokenizer",
     "load_tokenizer",
+    "plan_splits",
     "tokenizer_from_checkpoint",
 ]

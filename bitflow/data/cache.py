@@ -26,6 +26,12 @@ from bitflow.data.tokenizer import eos_id
 from bitflow.io import atomic_output
 
 CACHE_FORMAT = 1
+DEFAULT_CACHE_DIR = "~/.cache/bitflow"
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers and token arrays are cached: ``$BITFLOW_CACHE`` if set, else ``~/.cache/bitflow``."""
+    return Path(os.environ.get("BITFLOW_CACHE") or DEFAULT_CACHE_DIR).expanduser()
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,15 @@ batch ``k = i*W + r``, so ranks never share a sample, and a resumed run starts a
 
 Validation uses fixed windows over the val array that start every ``seq_len`` tokens, so their targets
 (``window[1:]``) tile the array without overlap; ranks take windows ``r::W`` with no padding or duplicates.
+
+Which tokens are the training and validation arrays is decided by :func:`bitflow.data.splits.plan_splits`: the
+two caches, or for a corpus of one or a few files the training stream and its held-out tail (the log says so).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,18 +26,20 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from bitflow.data.cache import TokenCache, build_token_cache
-from bitflow.data.sources import Source
-from bitflow.data.tokenizer import build_tokenizer, check_vocab_size, eos_id, load_tokenizer
+from bitflow.data.cache import TokenCache, build_token_cache, default_cache_dir
+from bitflow.data.sources import Source, check_int
+from bitflow.data.splits import SplitPlan, TokenRange, plan_splits
+from bitflow.data.tokenizer import (
+    DEFAULT_VOCAB_SIZE,
+    build_tokenizer,
+    check_vocab_size,
+    eos_id,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = "~/.cache/bitflow"
-
-
-def default_cache_dir() -> Path:
-    """``$BITFLOW_CACHE`` if set, else ``~/.cache/bitflow``."""
-    return Path(os.environ.get("BITFLOW_CACHE") or DEFAULT_CACHE_DIR).expanduser()
+DEFAULT_VAL_WINDOWS = 64  # the one default of data.val_windows (conf/data/stdlib.yaml restates it; a test checks)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -53,16 +57,16 @@ def window_starts(sample_ids: np.ndarray, seed: int, num_starts: int) -> np.ndar
     return (_splitmix64(sample_ids.astype(np.uint64) ^ key) % np.uint64(num_starts)).astype(np.int64)
 
 
-def _as_array(tokens: np.ndarray | TokenCache) -> np.ndarray:
-    return tokens.load() if isinstance(tokens, TokenCache) else tokens
+def _as_array(tokens: np.ndarray | TokenCache | TokenRange) -> np.ndarray:
+    return tokens if isinstance(tokens, np.ndarray) else tokens.load()
 
 
 class _TokenArrayDataset:
-    """Holds a token array; when built from a TokenCache, pickles as the cache (not the data), so DataLoader
-    workers started with 'spawn' re-open the memory map instead of copying the array."""
+    """Holds a token array; when built from a TokenCache or TokenRange, pickles as that (not the data), so
+    DataLoader workers started with 'spawn' re-open the memory map instead of copying the array."""
 
-    def _init_tokens(self, tokens: np.ndarray | TokenCache) -> None:
-        self._cache = tokens if isinstance(tokens, TokenCache) else None
+    def _init_tokens(self, tokens: np.ndarray | TokenCache | TokenRange) -> None:
+        self._cache = None if isinstance(tokens, np.ndarray) else tokens
         self._tokens = _as_array(tokens)
 
     def __getstate__(self) -> dict:
@@ -91,7 +95,7 @@ class TrainWindows(_TokenArrayDataset, IterableDataset):
 
     def __init__(
         self,
-        tokens: np.ndarray | TokenCache,
+        tokens: np.ndarray | TokenCache | TokenRange,
         seq_len: int,
         batch_size: int,
         seed: int = 0,
@@ -102,8 +106,8 @@ class TrainWindows(_TokenArrayDataset, IterableDataset):
         self._init_tokens(tokens)
         if len(self.tokens) < seq_len + 1:
             raise ValueError(
-                f"train split has {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                "use a larger corpus or a smaller seq_len"
+                f"data.seq_len={seq_len} is not allowed: the training split has {len(self.tokens)} tokens, fewer "
+                f"than one window of data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add text"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -136,14 +140,16 @@ class ValWindows(_TokenArrayDataset, Dataset):
     """Fixed validation windows of ``seq_len + 1`` tokens starting every ``seq_len`` tokens, so each token after
     the first is a target exactly once. With ``max_windows``, that many windows evenly spaced over the array."""
 
-    def __init__(self, tokens: np.ndarray | TokenCache, seq_len: int, max_windows: int | None = None):
+    def __init__(
+        self, tokens: np.ndarray | TokenCache | TokenRange, seq_len: int, max_windows: int | None = None
+    ):
         self._init_tokens(tokens)
         self.seq_len = seq_len
         total = (len(self.tokens) - 1) // seq_len
         if total == 0:
             raise ValueError(
-                f"validation split has {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                "raise val_fraction (or give more validation data) or lower seq_len"
+                f"data.seq_len={seq_len} is not allowed: the validation split has {len(self.tokens)} tokens, "
+                f"fewer than one window of data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add text"
             )
         index = np.arange(total)
         if max_windows is not None and max_windows < total:
@@ -187,19 +193,14 @@ class _ResumingLoader(DataLoader):
         return super().__iter__()
 
 
-def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
-
-
 class TokenDataModule(L.LightningDataModule):
     """Tokenizes a :class:`~bitflow.data.sources.Source` once (cached) and serves token windows.
 
+    Constructing one only checks the arguments (cheap: no tokenizing, no reading of the corpus); the tokenizer
+    and the token caches are built in ``prepare_data``/``setup``. Errors name the config keys (``data.seq_len``).
+
     Args:
-        source: the corpus (``build_source(...)`` or a Hydra ``_target_``).
+        source: the corpus (``build_source(...)`` or a Hydra ``_target_``), ``data.source``.
         seq_len: tokens per training example; batches are ``[B, seq_len + 1]`` (inputs ``b[:, :-1]``, targets
             ``b[:, 1:]``).
         batch_size: training windows per batch and rank.
@@ -208,7 +209,7 @@ class TokenDataModule(L.LightningDataModule):
         cache_dir: where tokenizers and token arrays are cached; default ``$BITFLOW_CACHE`` or ``~/.cache/bitflow``.
         num_workers: DataLoader worker processes.
         val_batch_size: validation batch size (default ``batch_size``).
-        val_windows: use at most this many validation windows, evenly spaced (default: all).
+        val_windows: use at most this many validation windows, evenly spaced (None: all).
         seed: seed of the training window positions.
     """
 
@@ -217,28 +218,29 @@ class TokenDataModule(L.LightningDataModule):
         source: Source,
         seq_len: int,
         batch_size: int,
-        vocab_size: int = 8192,
+        vocab_size: int = DEFAULT_VOCAB_SIZE,
         tokenizer_path: str | None = None,
         cache_dir: str | None = None,
         num_workers: int = 0,
         val_batch_size: int | None = None,
-        val_windows: int | None = None,
+        val_windows: int | None = DEFAULT_VAL_WINDOWS,
         seed: int = 0,
     ):
         super().__init__()
         if not isinstance(source, Source):
             raise TypeError(
-                f"source must be a bitflow.data.sources.Source (e.g. build_source('stdlib')), got {type(source)!r}"
+                f"data.source must be a bitflow.data.sources.Source (e.g. build_source('stdlib')), "
+                f"got {type(source)!r}"
             )
-        _check_int("seq_len", seq_len, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("val_batch_size", val_batch_size, 1, allow_none=True)
-        _check_int("val_windows", val_windows, 1, allow_none=True)
-        _check_int("seed", seed, 0)
+        check_int("data.seq_len", seq_len, 1)
+        check_int("data.batch_size", batch_size, 1)
+        check_int("data.num_workers", num_workers, 0)
+        check_int("data.val_batch_size", val_batch_size, 1, allow_none=True)
+        check_int("data.val_windows", val_windows, 1, allow_none=True)
+        check_int("data.seed", seed, 0)
         if tokenizer_path is not None:
             if not Path(tokenizer_path).expanduser().is_file():
-                raise FileNotFoundError(f"tokenizer_path not found: {str(tokenizer_path)!r}")
+                raise FileNotFoundError(f"data.tokenizer_path={str(tokenizer_path)!r} is not allowed: no such file")
         else:
             check_vocab_size(vocab_size)
         self.source = source
@@ -250,6 +252,7 @@ class TokenDataModule(L.LightningDataModule):
         self.val_windows, self.seed = val_windows, seed
         self._tokenizer: Tokenizer | None = None
         self.caches: dict[str, TokenCache] = {}
+        self.plan: SplitPlan | None = None
         self.train_dataset: TrainWindows | None = None
         self.val_dataset: ValWindows | None = None
 
@@ -283,35 +286,38 @@ class TokenDataModule(L.LightningDataModule):
 
     # --- preparation -----------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Build (or find) the tokenizer and the train/val token caches. Runs on one process per node."""
+        """Build (or find) the tokenizer and the train/val token caches and decide the splits
+        (:func:`plan_splits`). Runs on one process per node; a second call in the same process does nothing."""
         self._build_caches()
 
     def _build_caches(self) -> None:
+        if self.plan is not None:
+            return
         for split in ("train", "val"):
             cache = build_token_cache(self.source, self.tokenizer, split, self.cache_dir)
             log.info("%s tokens: %d (%s)", split, cache.num_tokens, "cache hit" if cache.hit else "tokenized")
             self.caches[split] = cache
-        if self.caches["val"].num_tokens == 0:
-            raise ValueError(
-                f"the validation split of {self.source!r} is empty; raise the source's val_fraction "
-                "(or give val_paths / val_split)"
+        self.plan = plan_splits(self.source, self.caches["train"], self.caches["val"], self.seq_len)
+        if self.plan.heldout:
+            log.info(
+                "validation: holding out the last %d of %d training tokens (%d window(s) of data.seq_len + 1), "
+                "because %s; training windows come from the first %d tokens only",
+                self.plan.heldout, self.caches["train"].num_tokens, (self.plan.heldout - 1) // self.seq_len,
+                self.plan.reason, len(self.plan.train),
             )
-        need = self.seq_len + 1
-        for split in ("train", "val"):
-            if self.caches[split].num_tokens < need:
-                raise ValueError(
-                    f"{split} split has {self.caches[split].num_tokens} tokens, fewer than seq_len + 1 = {need}; "
-                    f"lower seq_len={self.seq_len} or use more data"
-                    + (" (raise val_fraction)" if split == "val" else "")
-                )
+
+    @property
+    def heldout_tokens(self) -> int:
+        """Tokens held out from the end of the training stream for validation (0: the source's own split)."""
+        self._build_caches()
+        return self.plan.heldout
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the token caches (building them first if ``prepare_data`` did not run in this process)."""
-        if len(self.caches) < 2:
-            self._build_caches()
+        self._build_caches()
         if self.train_dataset is None:
-            self.train_dataset = TrainWindows(self.caches["train"], self.seq_len, self.batch_size, self.seed)
-            self.val_dataset = ValWindows(self.caches["val"], self.seq_len, self.val_windows)
+            self.train_dataset = TrainWindows(self.plan.train, self.seq_len, self.batch_size, self.seed)
+            self.val_dataset = ValWindows(self.plan.val, self.seq_len, self.val_windows)
 
     # --- loaders ---------------------------------------------------------------------------------------------
     def rank_world(self) -> tuple[int, int]:
@@ -336,9 +342,7 @@ class TokenDataModule(L.LightningDataModule):
         """Infinite loader of ``[batch_size, seq_len + 1]`` batches; resumes where ``global_step`` says."""
         self.setup("fit")
         rank, world = self.rank_world()
-        dataset = TrainWindows(
-            self.caches["train"], self.seq_len, self.batch_size, self.seed, rank=rank, world_size=world
-        )
+        dataset = TrainWindows(self.plan.train, self.seq_len, self.batch_size, self.seed, rank=rank, world_size=world)
         return _ResumingLoader(dataset, self.start_step, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

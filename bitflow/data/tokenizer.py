@@ -17,11 +17,13 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bitflow.data.sources import Source, stable_hash
+from bitflow.io import atomic_output
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN,)
 BYTE_ALPHABET = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+DEFAULT_VOCAB_SIZE = 8192  # the one default (TokenDataModule, conf/data/stdlib.yaml: a test keeps them equal)
 # every setting that changes the trained tokenizer enters its cache key
 TOKENIZER_SETTINGS = {
     "model": "bpe",
@@ -34,11 +36,13 @@ TOKENIZER_SETTINGS = {
 
 
 def check_vocab_size(vocab_size: int) -> int:
-    """Return ``vocab_size`` if a byte-level BPE can have it (>= 256 bytes + special tokens), else ValueError."""
+    """Return ``vocab_size`` if a byte-level BPE can have it (>= 256 bytes + special tokens), else ValueError
+    naming ``data.vocab_size``."""
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
-            f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs the {BYTE_ALPHABET} byte tokens "
-            f"plus {len(SPECIAL_TOKENS)} special token(s), so the minimum is {MIN_VOCAB_SIZE}"
+            f"data.vocab_size={vocab_size!r} is not allowed: the minimum is {MIN_VOCAB_SIZE} (a byte-level BPE "
+            f"needs the {BYTE_ALPHABET} byte tokens plus {len(SPECIAL_TOKENS)} special token); give an integer "
+            f">= {MIN_VOCAB_SIZE}"
         )
     return vocab_size
 
@@ -51,7 +55,7 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
+def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     """Train a byte-level BPE with ``vocab_size`` entries (bytes + ``<|endoftext|>`` + merges) on ``documents``.
 
     The result can have fewer entries than asked for when the corpus is too small to supply enough merges
@@ -76,17 +80,17 @@ def tokenizer_fingerprint(source: Source, vocab_size: int) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a ``tokenizer.json`` file; FileNotFoundError if it does not exist."""
+    """Load a ``tokenizer.json`` file; FileNotFoundError (naming ``data.tokenizer_path``) if it does not exist."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {str(path)!r}")
+        raise FileNotFoundError(f"data.tokenizer_path={str(path)!r} is not allowed: no such file")
     return Tokenizer.from_file(str(path))
 
 
 def build_tokenizer(
     source: Source,
-    vocab_size: int = 8192,
-    cache_dir: str | os.PathLike = "~/.cache/bitflow",
+    vocab_size: int,
+    cache_dir: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> tuple[Tokenizer, bool]:
     """The tokenizer for ``source``: loaded from ``tokenizer_path`` if given, else from the cache
@@ -100,9 +104,6 @@ def build_tokenizer(
     path = Path(cache_dir).expanduser() / f"tokenizer-{tokenizer_fingerprint(source, vocab_size)}.json"
     if path.is_file():
         return Tokenizer.from_file(str(path)), True
-    # imported here because cache.py imports this module
-    from bitflow.io import atomic_output
-
     tok = train_tokenizer(source.documents("train"), vocab_size)
     with atomic_output(path) as tmp:
         tok.save(str(tmp))

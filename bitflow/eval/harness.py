@@ -28,6 +28,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from bitflow.data.tokenizer import eos_id
+from bitflow.eval.config import PRECISIONS, parse_batch_size
 from bitflow.eval.scoring import (
     Window,
     autocast_context,
@@ -37,8 +39,6 @@ from bitflow.eval.scoring import (
 )
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "32", "bf16", "16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -86,18 +86,6 @@ def _as_decoder(model: nn.Module) -> nn.Module:
             f"got {type(model)}"
         )
     return model
-
-
-def _parse_batch_size(batch_size: int | str | None) -> tuple[int, bool]:
-    """lm-eval passes ``batch_size`` as an int, a digit string, "auto" or "auto:N"; returns (size, auto)."""
-    if batch_size is None:
-        return 16, False
-    text = str(batch_size)
-    if text.startswith("auto"):
-        return 64, True  # start large and halve on out-of-memory
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
-    return int(text), False
 
 
 @register_model("bitflow")
@@ -162,17 +150,14 @@ class BitflowLM(TemplateLM):
             self.quant_state = getattr(model, "quant_state", None)
         self.model = _as_decoder(model)
         self.tokenizer = _as_tokenizer(tokenizer)
-        eot = self.tokenizer.token_to_id("<|endoftext|>")
-        if eot is None:
-            raise ValueError("the tokenizer has no '<|endoftext|>' token; it is not a bitflow tokenizer")
-        self._eot_id = eot
+        self._eot_id = eos_id(self.tokenizer)
         context = int(self.model.config.max_seq_len)
         if max_length is not None and not 1 <= int(max_length) <= context:
             raise ValueError(
                 f"max_length must be in 1..{context} (the model's max_seq_len), got {max_length}"
             )
         self._max_length = int(max_length) if max_length is not None else context
-        self.batch_size, self._auto_batch = _parse_batch_size(batch_size)
+        self.batch_size, self._auto_batch = parse_batch_size(batch_size)
         if max_batch_size is not None:
             self.batch_size = min(self.batch_size, int(max_batch_size))
         self.precision = resolve_precision(precision, self._device)

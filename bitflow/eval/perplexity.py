@@ -89,7 +89,10 @@ def perplexity_of_files(
     """Perplexity of each text file (one document each, conditioned on ``eos_id``) and of all of them
     together: ``{"files": {path: {...}}, "total": {"loss", "ppl", "tokens", "bits_per_byte"}}``. ``kwargs`` go
     to :func:`perplexity_of_tokens` (``stride``, ``batch_size``, ``device``, ``precision``)."""
-    eos_id = tokenizer.token_to_id("<|endoftext|>") if eos_id is None else eos_id
+    if eos_id is None:  # bitflow.data imports Lightning: import it only when needed
+        from bitflow.data.tokenizer import eos_id as tokenizer_eos_id
+
+        eos_id = tokenizer_eos_id(tokenizer)
     per_file, total_logp, total_tokens, total_bytes = {}, 0.0, 0, 0
     for path in expand_paths(paths):
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -126,7 +129,7 @@ def perplexity_of_split(
     from bitflow.data.cache import build_token_cache
     from bitflow.data.datamodule import default_cache_dir
     from bitflow.data.sources import StdlibSource
-    from bitflow.data.tokenizer import eos_id
+    from bitflow.data.tokenizer import eos_id as tokenizer_eos_id
 
     source = StdlibSource() if source is None else source
     cache = build_token_cache(
@@ -135,4 +138,4 @@ def perplexity_of_split(
     tokens = cache.load()
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
-    return perplexity_of_tokens(model, np.asarray(tokens), prefix=eos_id(tokenizer), **kwargs)
+    return perplexity_of_tokens(model, np.asarray(tokens), prefix=tokenizer_eos_id(tokenizer), **kwargs)

@@ -1,105 +1,46 @@
 """``bitflow-eval``: evaluate a checkpoint on lm-eval tasks (and perplexity), print a table, save and log it.
 
+A Hydra app over conf/eval.yaml (every setting, its default and what it means), with the override syntax of
+``bitflow``; ``-m``/``--multirun`` may stand anywhere among the overrides:
+
     bitflow-eval ckpt=outputs/train/<time>/checkpoints/last.ckpt             # the offline `local` tasks
-    bitflow-eval ckpt=... tasks=paper11 batch_size=32 device=cuda             # the paper's 11 tasks
-    bitflow-eval ckpt=... tasks=piqa,sciq,local limit=200 perplexity=val      # a mix, + val-split perplexity
+    bitflow-eval ckpt=... tasks=paper11 batch_size=auto device=cuda           # the paper's 11 tasks
+    bitflow-eval ckpt=... tasks=[piqa,sciq,local] limit=200 perplexity=val    # a list, + val-split perplexity
     bitflow-eval ckpt=... tasks=none perplexity='data/*.txt' stride=128       # perplexity of text files
+    bitflow-eval -m ckpt=a.ckpt,b.ckpt tasks=local limit=4                    # one job per checkpoint
 
 Results go to ``eval_results.json`` next to the checkpoint (merged with earlier results of the same checkpoint
 and step) and, for a checkpoint inside a run directory (``<run>/checkpoints/x.ckpt``), into that run's
-TensorBoard (``<run>/tb``) as ``eval/<task>/<metric>`` at the checkpoint's global step.
+TensorBoard (``<run>/tb``) as ``eval/<task>/<metric>`` at the checkpoint's global step. Hydra's log (``eval.log``)
+is appended next to the checkpoint too: nothing is written to the working directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
+from bitflow.config import ConfigError
+from bitflow.eval.config import EVAL_CONFIG, check_eval_config, eval_config, eval_output_dir
+from bitflow.io import atomic_write_text
 
 log = logging.getLogger("bitflow.eval")
 
 RESULTS_FILE = "eval_results.json"
 
-
-@dataclass
-class EvalArgs:
-    """Arguments of ``bitflow-eval`` (``key=value`` on the command line)."""
-
-    ckpt: str = ""  # the checkpoint to evaluate (required)
-    tasks: str = (
-        "local"  # group(s) (local, paper11, spectra) and/or lm-eval task names, comma-separated; none = skip
-    )
-    limit: float | None = None  # examples per task (an int, or a fraction < 1); None = all
-    num_fewshot: int | None = None  # None = each task's default (0 for bitflow's tasks)
-    batch_size: str = "16"  # an int or "auto" (start at 64, halve on CUDA out-of-memory)
-    device: str | None = None  # cpu, cuda, cuda:1 ... (default: CUDA if available)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), 32, bf16, 16
-    max_length: int | None = None  # context length (default: the model's max_seq_len)
-    bootstrap_iters: int = 1000  # lm-eval's bootstrap for the stderr of non-mean metrics; 0 = no stderr
-    perplexity: str | None = (
-        None  # "val" (the run's validation split), file paths/globs (comma-separated), None
-    )
-    stride: int | None = None  # sliding-window stride for perplexity (default: the context length)
-    output: str | None = None  # where to write the results JSON (default: <ckpt dir>/eval_results.json)
-    tensorboard: bool = True  # log eval/<task>/<metric> into <run>/tb
-    seed: int = 1234  # lm-eval's random seeds (few-shot sampling)
-
-
-def _convert(name: str, value: str, kind: Any) -> Any:
-    text = value.strip()
-    if text.lower() in ("null", "none", "~") and name not in ("tasks", "batch_size"):
-        return None
-    kind = str(kind)
-    try:
-        if "bool" in kind:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if "float" in kind:
-            return float(text)
-        if "int" in kind:
-            return int(text)
-    except ValueError:
-        raise ValueError(f"bitflow-eval: {name}={value!r} is not a valid {kind.split(' |')[0]}") from None
-    if text.startswith("[") and text.endswith("]"):  # Hydra-style list: tasks=[piqa,sciq]
-        text = ",".join(s.strip().strip("'\"") for s in text[1:-1].split(","))
-    return text
-
-
-def parse_args(argv: list[str]) -> EvalArgs:
-    """``key=value`` arguments -> EvalArgs; a clear error for an unknown key or a bad value."""
-    fields = {f.name: f.type for f in dataclasses.fields(EvalArgs)}
-    values: dict[str, Any] = {}
-    for arg in argv:
-        key, sep, value = arg.lstrip("+").partition("=")
-        key = key.replace("-", "_")
-        if not sep:
-            raise ValueError(f"bitflow-eval: arguments are key=value, got {arg!r}; run `bitflow-eval --help`")
-        if key not in fields:
-            raise ValueError(f"bitflow-eval: unknown argument {key!r}; allowed: {', '.join(fields)}")
-        values[key] = _convert(key, value, fields[key])
-    args = EvalArgs(**values)
-    if args.limit is not None:
-        if args.limit <= 0:
-            raise ValueError(
-                "bitflow-eval: limit must be positive (examples per task, or a fraction < 1), "
-                f"got {args.limit}"
-            )
-        if args.limit >= 1:
-            args.limit = int(args.limit)
-    if not args.ckpt:
-        raise ValueError(
-            "bitflow-eval: ckpt=PATH is required (e.g. ckpt=outputs/train/<time>/checkpoints/last.ckpt)"
-        )
-    return args
+# conf/eval.yaml's hydra.run.dir: the checkpoint's folder (see eval_output_dir)
+if not OmegaConf.has_resolver("bitflow.eval_dir"):
+    OmegaConf.register_new_resolver("bitflow.eval_dir", eval_output_dir)
 
 
 def flatten_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -222,23 +163,21 @@ def write_results(path: Path, record: dict[str, Any]) -> dict[str, Any]:
                 "results": {**old.get("results", {}), **record["results"]},
                 "perplexity": {**old.get("perplexity", {}), **record["perplexity"]},
             }
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 
-def _perplexity(lm: Any, args: EvalArgs) -> dict[str, dict[str, float]]:
+def _perplexity(lm: Any, cfg: DictConfig) -> dict[str, dict[str, float]]:
     from bitflow.eval.perplexity import perplexity_of_files, perplexity_of_split
 
-    kw = {"stride": args.stride, "batch_size": lm.batch_size, "device": lm.device, "precision": lm.precision}
-    if args.perplexity == "val":
-        source, cache_dir = _run_data_config(args.ckpt)
+    kw = {"stride": cfg.stride, "batch_size": lm.batch_size, "device": lm.device, "precision": lm.precision}
+    if cfg.perplexity == "val":
+        source, cache_dir = _run_data_config(cfg.ckpt)
         res = perplexity_of_split(
             lm.model, lm.tokenizer, source, "val", cache_dir, max_len=lm.max_length, **kw
         )
         return {"ppl_val": res}
-    files = perplexity_of_files(
-        lm.model, lm.tokenizer, args.perplexity.split(","), max_len=lm.max_length, **kw
-    )
+    files = perplexity_of_files(lm.model, lm.tokenizer, list(cfg.perplexity), max_len=lm.max_length, **kw)
     return {"ppl_files": files["total"]}
 
 
@@ -262,35 +201,51 @@ def _run_data_config(ckpt: str) -> tuple[Any, Any]:
     return source, cache_dir
 
 
-def evaluate_checkpoint(args: EvalArgs) -> dict[str, Any]:
-    """Load the checkpoint, run the tasks and perplexity, print the table, write the JSON, log TensorBoard.
-    Returns the record written to the JSON file."""
+def evaluate_checkpoint(settings: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """Check the settings (conf/eval.yaml's keys; missing ones take its defaults), check the task names, load
+    the checkpoint, run the tasks and perplexity, print the table, write the JSON, log TensorBoard.
+
+    Bad settings, unknown tasks and unreadable checkpoints raise :class:`~bitflow.config.ConfigError`
+    before any task runs. Returns the record written to the JSON file.
+    """
+    given = eval_config(settings)
+    cfg = check_eval_config(given)
+    from bitflow.eval.suites import task_manager_for
+
+    manager = None
+    if cfg.tasks:  # unknown task names fail before the checkpoint is loaded
+        try:
+            manager = task_manager_for(list(cfg.tasks))
+        except ValueError as err:
+            tasks = OmegaConf.to_container(given.tasks) if OmegaConf.is_list(given.tasks) else given.tasks
+            raise ConfigError(f"tasks={tasks!r}: {err}") from None
     from lm_eval.utils import make_table
 
     from bitflow.eval.harness import BitflowLM
-    from bitflow.eval.suites import resolve_tasks, task_manager_for
 
-    ckpt = Path(args.ckpt)
-    run_tasks_now = args.tasks.strip().lower() not in ("none", "")
-    if run_tasks_now:  # unknown task names fail before the checkpoint is loaded
-        task_manager_for(resolve_tasks(args.tasks))
-    lm = BitflowLM(
-        ckpt=str(ckpt),
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        max_length=args.max_length,
-    )
+    ckpt = Path(cfg.ckpt)
+    try:
+        lm = BitflowLM(
+            ckpt=str(ckpt),
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            precision=cfg.precision,
+            max_length=cfg.max_length,
+        )
+    except (ValueError, FileNotFoundError) as err:  # not a bitflow checkpoint, max_length beyond the model's
+        raise ConfigError(f"cannot evaluate ckpt={str(ckpt)!r}: {err}") from err
     info = checkpoint_info(ckpt)
     metrics: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {}
-    if run_tasks_now:
-        results = run_tasks(lm, args.tasks, args.limit, args.num_fewshot, args.bootstrap_iters, args.seed)
+    if cfg.tasks:
+        results = run_tasks(
+            lm, list(cfg.tasks), cfg.limit, cfg.num_fewshot, cfg.bootstrap_iters, cfg.seed, manager
+        )
         metrics = flatten_results(results)
         print(make_table(results))
         if results.get("groups"):
             print(make_table(results, "groups"))
-    ppl = _perplexity(lm, args) if args.perplexity else {}
+    ppl = _perplexity(lm, cfg) if cfg.perplexity else {}
     for name, row in ppl.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
 
@@ -304,42 +259,39 @@ def evaluate_checkpoint(args: EvalArgs) -> dict[str, Any]:
         "versions": {k: v for k, v in results.get("versions", {}).items()},
         "n_shot": results.get("n-shot", {}),
         "settings": {
-            "tasks": args.tasks,
-            "limit": args.limit,
-            "num_fewshot": args.num_fewshot,
+            "tasks": ",".join(cfg.tasks) or "none",
+            "limit": cfg.limit,
+            "num_fewshot": cfg.num_fewshot,
             "precision": lm.precision,
             "max_length": lm.max_length,
-            "stride": args.stride,
+            "stride": cfg.stride,
             "python": ".".join(str(v) for v in sys.version_info[:3]),
         },
     }
-    out = Path(args.output) if args.output else ckpt.parent / RESULTS_FILE
+    out = Path(cfg.output) if cfg.output else ckpt.parent / RESULTS_FILE
     record = write_results(out, record)
     print(f"results: {out}")
     run = run_dir_of(ckpt)
-    if args.tensorboard and run is not None and (metrics or ppl):
+    if cfg.tensorboard and run is not None and (metrics or ppl):
         tb = log_to_tensorboard(run / "tb", tensorboard_scalars({**metrics, **ppl}), info["global_step"])
         print(f"tensorboard: {tb} (step {info['global_step']})")
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``bitflow-eval key=value ...``; exit code 2 on bad input."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
-        print("arguments (key=value):")
-        for f in dataclasses.fields(EvalArgs):
-            print(f"  {f.name}={f.default!r}")
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=EVAL_CONFIG)
+def _eval(cfg: DictConfig) -> None:
+    """``bitflow-eval``'s Hydra task: a bad setting is one "config error: ..." line and exit code 2, as for
+    ``bitflow`` (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
     try:
-        args = parse_args(argv)
-        evaluate_checkpoint(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"bitflow-eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        evaluate_checkpoint(cfg)
+    except ConfigError as err:
+        report_config_error(err)
+
+
+def main() -> None:
+    """The ``bitflow-eval`` console script: Hydra's app over conf/eval.yaml, with ``-m`` allowed anywhere."""
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
+    _eval()
 
 
 def lm_eval_cli(argv: list[str] | None = None) -> None:
@@ -365,4 +317,4 @@ def lm_eval_cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -14,18 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-
-def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] of every TensorBoard event file under ``run``."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(run.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return {tag: sorted(v) for tag, v in out.items()}
+from bitflow.events import read_scalars  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +23,7 @@ def main() -> None:
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    runs = {p.name: scalars(p) for p in sorted(args.sweep.iterdir()) if (p / "tb").is_dir()}
+    runs = {p.name: read_scalars(p / "tb") for p in sorted(args.sweep.iterdir()) if (p / "tb").is_dir()}
     args.out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

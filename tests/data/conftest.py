@@ -20,7 +20,9 @@ def stdlib_small() -> StdlibSource:
 
 @pytest.fixture(scope="session")
 def datamodule(stdlib_small: StdlibSource, cache_dir: Path) -> TokenDataModule:
-    dm = TokenDataModule(stdlib_small, seq_len=SEQ_LEN, batch_size=BATCH, vocab_size=VOCAB, cache_dir=str(cache_dir))
+    dm = TokenDataModule(
+        stdlib_small, seq_len=SEQ_LEN, batch_size=BATCH, vocab_size=VOCAB, cache_dir=str(cache_dir), val_windows=None
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm

@@ -181,12 +181,14 @@ def test_rank_world_and_start_without_trainer(datamodule: TokenDataModule) -> No
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"seq_len": 0}, "seq_len must be an integer >= 1, got 0"),
-        ({"seq_len": -4}, "seq_len"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"vocab_size": 200}, "vocab_size=200.*minimum is 257"),
-        ({"val_windows": 0}, "val_windows"),
-        ({"num_workers": -1}, "num_workers"),
+        ({"seq_len": 0}, r"^data.seq_len=0 is not allowed: give an integer >= 1$"),
+        ({"seq_len": -4}, r"data.seq_len=-4 "),
+        ({"seq_len": 8.5}, r"data.seq_len=8.5 "),
+        ({"batch_size": 0}, r"data.batch_size=0 .*integer >= 1"),
+        ({"vocab_size": 200}, r"data.vocab_size=200 .*minimum is 257"),
+        ({"val_windows": 0}, r"data.val_windows=0 .*integer >= 1 or null"),
+        ({"val_batch_size": 0}, r"data.val_batch_size=0 "),
+        ({"num_workers": -1}, r"data.num_workers=-1 .*integer >= 0"),
     ],
 )
 def test_bad_arguments(stdlib_small: StdlibSource, kwargs: dict, match: str) -> None:
@@ -196,28 +198,27 @@ def test_bad_arguments(stdlib_small: StdlibSource, kwargs: dict, match: str) -> 
 
 
 def test_source_must_be_a_source() -> None:
-    with pytest.raises(TypeError, match="Source"):
+    with pytest.raises(TypeError, match="data.source must be a bitflow.data.sources.Source"):
         TokenDataModule({"kind": "stdlib"}, seq_len=8, batch_size=2)
 
 
-def test_empty_validation_split_error(tmp_path: Path, write_files) -> None:
-    root = write_files({"a.txt": "hello there " * 30, "b.txt": "general kenobi " * 30})
-    dm = TokenDataModule(
-        TextSource(str(root / "*.txt"), val_fraction=0.0), seq_len=8, batch_size=2, vocab_size=260, cache_dir=str(tmp_path)
-    )
-    with pytest.raises(ValueError, match="validation split .* is empty.*val_fraction"):
-        dm.prepare_data()
+def test_missing_tokenizer_path_names_the_key(stdlib_small: StdlibSource, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data.tokenizer_path='.*nope.json' is not allowed: no such file"):
+        TokenDataModule(stdlib_small, seq_len=8, batch_size=2, tokenizer_path=str(tmp_path / "nope.json"))
 
 
-def test_too_short_splits_error(tmp_path: Path, write_files) -> None:
+def test_too_short_explicit_splits_error(tmp_path: Path, write_files) -> None:
     root = write_files({"train.txt": "short text " * 5, "val.txt": "tiny"})
     src = TextSource(str(root / "train.txt"), val_paths=str(root / "val.txt"))
-    dm = TokenDataModule(src, seq_len=1000, batch_size=2, vocab_size=260, cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"train split has \d+ tokens, fewer than seq_len \+ 1 = 1001"):
+    dm = TokenDataModule(src, seq_len=20, batch_size=2, vocab_size=260, cache_dir=str(tmp_path))
+    # named validation data is never replaced by a held-out tail: too short is an error naming both keys
+    with pytest.raises(ValueError, match=r"data.seq_len=20 .*data.source.val_paths=\[.*val.txt'\] has \d+ tokens"):
         dm.setup()
-    dm_val = TokenDataModule(src, seq_len=20, batch_size=2, vocab_size=260, cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"val split has \d+ tokens.*seq_len \+ 1 = 21.*val_fraction"):
-        dm_val.setup()
+    root = write_files({"val2.txt": "a long enough validation text " * 20})
+    src = TextSource(str(root / "train.txt"), val_paths=str(root / "val2.txt"))
+    dm = TokenDataModule(src, seq_len=100, batch_size=2, vocab_size=260, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"data.seq_len=100 .*training split .* has \d+ tokens.*= 101"):
+        dm.setup()
 
 
 def test_hydra_instantiate(cache_dir: Path, write_files) -> None:

@@ -70,9 +70,9 @@ def test_bad_split_and_fraction() -> None:
     src = StdlibSource(max_files=5)
     with pytest.raises(ValueError, match="'test'"):
         next(src.documents("test"))
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ValueError, match=r"data.source.val_fraction=1.5 is not allowed: give a fraction in \[0, 1\)"):
         StdlibSource(val_fraction=1.5)
-    with pytest.raises(ValueError, match="max_files"):
+    with pytest.raises(ValueError, match=r"data.source.max_files=0 is not allowed: give an integer >= 1 or null"):
         StdlibSource(max_files=0)
 
 
@@ -109,19 +109,24 @@ def test_text_source_invalid_utf8_is_replaced(write_files) -> None:
 
 def test_text_source_missing_path_and_empty_glob(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.txt")
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"^no text found in data.source.paths=\[.*nope.txt'\]: no such file"):
         TextSource(missing)
-    with pytest.raises(FileNotFoundError, match=r"\*\.json"):
+    with pytest.raises(FileNotFoundError, match=r"^no text found in data.source.paths=.*\*\.json'.* matches no files"):
         TextSource(str(tmp_path / "*.json"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         build_source("text", paths=[missing])
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(FileNotFoundError, match=r"^no text found in data.source.val_paths=.*\*\.md"):
+        TextSource(str(tmp_path / "*.txt"), val_paths=str(tmp_path / "*.md"))
+    with pytest.raises(ValueError, match=r"^no text found in data.source.paths=\[\]"):
+        TextSource([])
 
 
 def test_build_source_kinds(write_files) -> None:
     assert isinstance(build_source("stdlib", max_files=3), StdlibSource)
     root = write_files({"a.txt": "a"})
     assert isinstance(build_source("text", paths=str(root / "a.txt")), TextSource)
-    with pytest.raises(ValueError, match=r"'parquet'.*\['hf', 'stdlib', 'text'\]"):
+    with pytest.raises(ValueError, match=r"'parquet' is not allowed.*\['hf', 'stdlib', 'text'\]"):
         build_source("parquet")
 
 
@@ -178,19 +183,33 @@ def test_hf_fingerprint_ignores_streaming_tracks_files(hf_files: dict) -> None:
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_hf_missing_text_column_lists_columns(hf_files: dict, streaming: bool) -> None:
-    with pytest.raises(ValueError, match=r"'text' not found.*\['body', 'id'\]"):
-        build_source(
-            "hf",
-            path="json",
-            data_files=hf_files["jsonl"],
-            streaming=streaming,
-            load_kwargs={"cache_dir": hf_files["hf_cache"]},
-        )
+    # construction is cheap (no load); the first read checks the column, before any tokenizer is trained
+    src = build_source(
+        "hf",
+        path="json",
+        data_files=hf_files["jsonl"],
+        streaming=streaming,
+        load_kwargs={"cache_dir": hf_files["hf_cache"]},
+    )
+    with pytest.raises(ValueError, match=r"data.source.text_column='text' is not allowed.*\['body', 'id'\]"):
+        next(src.documents("train"))
+
+
+def test_hf_constructor_checks_arguments_without_loading(tmp_path: Path) -> None:
+    # a dataset that does not exist: construction must not touch it (it only checks the arguments)
+    src = HFSource("json", data_files=str(tmp_path / "absent.jsonl"), text_column="body")
+    assert "data.source.path='json'" in src.origin()
+    with pytest.raises(ValueError, match=r"data.source.text_column='' is not allowed: give a non-empty string"):
+        HFSource("json", text_column="")
+    with pytest.raises(ValueError, match=r"data.source.max_documents=0 is not allowed"):
+        HFSource("json", max_documents=0)
+    with pytest.raises(ValueError, match=r"data.source.val_fraction=-0.1 is not allowed"):
+        HFSource("json", val_fraction=-0.1)
 
 
 def test_text_source_overlaps(write_files) -> None:
     root = write_files({"a.txt": "a", "b.txt": "b"})
     src = TextSource([str(root / "a.txt"), str(root / "*.txt")], val_fraction=0.0)
     assert list(src.documents("train")) == ["a", "b"]  # a.txt matched twice, read once
-    with pytest.raises(ValueError, match="both paths and val_paths.*a.txt"):
+    with pytest.raises(ValueError, match="data.source.paths and data.source.val_paths share files.*a.txt"):
         TextSource(str(root / "*.txt"), val_paths=str(root / "a.txt"))

@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from bitflow.eval.callback import LMEvalCallback
+from bitflow.events import read_scalars
 from tests.eval.evalkit import make_lm
 
 pytest_plugins = ["tests.eval.evalkit"]  # fixtures: tiny_tokenizer, tiny_lm, tiny_run_checkpoint
@@ -57,16 +57,16 @@ def test_callback_logs_eval_metrics_and_leaves_training_unchanged(tiny_tokenizer
     with_eval, tb = _fit(tiny_tokenizer, tmp_path / "a", [callback, spy])
     without_eval, _ = _fit(tiny_tokenizer, tmp_path / "b", [])
 
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
+    scalars = read_scalars(tb)
     for tag in (
         "eval/bitflow_next_line/acc",
         "eval/bitflow_next_line/acc_norm",
         "eval/bitflow_docstring_names/acc",
     ):
-        events = acc.Scalars(tag)
-        assert [e.step for e in events] == [2, 4, 6]  # every 2 steps; the last step is not evaluated twice
-        assert all(v in {k / 4 for k in range(5)} for v in (e.value for e in events))
+        events = scalars[tag]
+        # every 2 steps; the last step is not evaluated twice
+        assert [step for step, _ in events] == [2, 4, 6]
+        assert all(v in {k / 4 for k in range(5)} for _, v in events)
     assert set(callback.last_metrics) >= {"eval/bitflow_next_line/acc", "eval/bitflow_docstring_names/acc"}
     assert spy.modes == [True] * STEPS  # every training step ran in train mode
     for (name, a), (_, b) in zip(
@@ -78,9 +78,7 @@ def test_callback_logs_eval_metrics_and_leaves_training_unchanged(tiny_tokenizer
 def test_callback_evaluates_at_the_end_when_the_last_step_is_not_a_multiple(tiny_tokenizer, tmp_path: Path):
     callback = LMEvalCallback(tasks="bitflow_next_line", every_n_steps=4, limit=2)
     _, tb = _fit(tiny_tokenizer, tmp_path, [callback])
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("eval/bitflow_next_line/acc")] == [4, 6]
+    assert [step for step, _ in read_scalars(tb)["eval/bitflow_next_line/acc"]] == [4, 6]
 
 
 def test_bad_callback_settings_fail_before_training(tiny_tokenizer, tmp_path: Path):

@@ -1,0 +1,298 @@
+"""Checks and resolutions of a composed ``bitflow`` config that run before anything is built.
+
+* :func:`check_config` rejects bad values with a :class:`ConfigError` that names the full config key (``data.batch_size``,
+  ``optimizer.lr``), the bad value and what is allowed: within a second or two of start-up, before any data is
+  tokenized or any model is built.
+* :func:`resolve_precision` turns ``trainer.precision: auto`` into the fastest safe precision of this machine.
+* :func:`fit_short_run` scales the step-valued defaults (LR warmup, validation and logging intervals) down for a
+  short run, so ``bitflow trainer.max_steps=N`` works for any N >= 1; explicit values that cannot fit still fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("bitflow")
+
+__all__ = [
+    "PRECISIONS",
+    "ConfigError",
+    "check_config",
+    "config_errors",
+    "explicit_keys",
+    "fail",
+    "fit_short_run",
+    "qualify",
+    "resolve_precision",
+]
+
+# Lightning's precision strings (as strings: a bare 16 or 32 is the template pitfall), plus bitflow's "auto"
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "fused")
+
+
+class ConfigError(ValueError):
+    """A bad config value, found before training. ``bitflow`` prints it as one line, without a traceback."""
+
+
+def qualify(message: str, section: str, names: Iterable[str], owner: str | None = None) -> str:
+    """``message`` with each bare field name of ``names`` written as its config key ``section.name``.
+
+    Library code names its own arguments (``warmup_steps=500``, ``LlamaConfig.d_model``); a user reads config keys
+    (``scheduler.warmup_steps=500``, ``model.d_model``). ``owner`` is a class prefix to replace (``LlamaConfig``).
+    """
+    if owner:
+        message = message.replace(f"{owner}.", f"{section}.")
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.]){re.escape(name)}\b(?=\s*[=<>]|\s+must|\s+is)", f"{section}.{name}", message)
+    return message
+
+
+@contextmanager
+def config_errors(section: str | None = None, names: Iterable[str] = (), owner: str | None = None) -> Iterator[None]:
+    """Turn the ``ValueError``/``TypeError``/``FileNotFoundError`` of a check into a :class:`ConfigError`, with the
+    field names of ``section`` qualified (see :func:`qualify`)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        message = str(e) if not section else qualify(str(e), section, names, owner)
+        raise ConfigError(message) from e
+
+
+def fail(key: str, value: Any, allowed: str) -> None:
+    """Raise the one :class:`ConfigError` format: ``<key>=<value> is not allowed; allowed: <allowed>``."""
+    raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _int(key: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        fail(key, value, f"an integer >= {minimum}" + (" or null" if allow_none else ""))
+
+
+def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        if math.isfinite(high):
+            allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+        else:
+            allowed = f"a number {'>' if low_open else '>='} {low:g}"
+        fail(key, value, allowed)
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): only then is bf16 autocast faster than fp32.
+
+    On AVX2-only CPUs (most laptops) a bf16 matmul is emulated and was measured ~160x slower than fp32.
+    """
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[str, str]:
+    """``(precision, why)``: ``auto`` becomes ``bf16-mixed`` on a CUDA GPU with bf16 support or on a CPU with native
+    bf16 (AVX-512 BF16 / AMX), else ``32-true``. Any other value is returned as it is."""
+    if precision != "auto":
+        return str(precision), "set in the config"
+    import torch
+
+    use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if use_gpu:
+        name = torch.cuda.get_device_name(0)
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"GPU {name} supports bf16"
+        return "32-true", f"GPU {name} has no bf16 support"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if native_bf16_cpu():
+        return "bf16-mixed", f"CPU ({capability}) has native bf16"
+    return "32-true", f"CPU ({capability}) has no native bf16, where bf16 is far slower than fp32"
+
+
+# ------------------------------------------------------------------------------------------------ short runs
+def explicit_keys() -> set[str]:
+    """Config keys set on this run's command line (Hydra's task overrides), e.g. ``{"scheduler.warmup_steps"}``.
+    Empty when Hydra's job machinery is not running (e.g. ``hydra.compose`` in a test)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        keys.add(key)
+    return keys
+
+
+def fit_short_run(cfg: DictConfig, explicit: set[str] = frozenset()) -> list[str]:
+    """Scale the step-valued defaults down to a short run, in place; returns what changed (``"key a -> b"``).
+
+    With ``trainer.max_steps = N``: ``scheduler.warmup_steps`` becomes N // 10 when it is more than a quarter of the
+    run; ``trainer.val_check_interval`` and ``trainer.log_every_n_steps`` become N when longer than the run. Keys
+    in ``explicit`` (set on the command line) are kept: if they cannot fit, :func:`check_config` says so.
+    """
+    steps = cfg.trainer.get("max_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        return []
+    changes = []
+
+    def scale(section: str, key: str, too_long: bool, new: int) -> None:
+        node = cfg.get(section)
+        full = f"{section}.{key}"
+        if node is None or full in explicit or key not in node:
+            return
+        old = node.get(key)
+        if isinstance(old, int) and not isinstance(old, bool) and too_long and old != new:
+            with open_dict(node):
+                node[key] = new
+            changes.append(f"{full} {old} -> {new}")
+
+    warmup = cfg.get("scheduler", {}).get("warmup_steps")
+    if isinstance(warmup, int):
+        scale("scheduler", "warmup_steps", warmup > steps // 4, steps // 10)
+    for key in ("val_check_interval", "log_every_n_steps"):
+        value = cfg.trainer.get(key)
+        if isinstance(value, int):
+            scale("trainer", key, value > steps, steps)
+    return changes
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    _int("trainer.max_steps", trainer.get("max_steps"), 1)
+    precision = trainer.get("precision")
+    if str(precision) not in PRECISIONS and precision not in ("32", "16", "bf16", "64"):
+        fail("trainer.precision", precision, ", ".join(PRECISIONS) + " (auto = bf16-mixed where native, else 32-true)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, float):
+        _number("trainer.val_check_interval", interval, 0.0, 1.0, low_open=True)
+    else:
+        _int("trainer.val_check_interval", interval, 1, allow_none=True)
+    _int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 1), 1)
+    _int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), 1)
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None:
+        _number("trainer.gradient_clip_val", clip, 0.0)
+
+
+def check_optimizer(optimizer: Mapping[str, Any]) -> None:
+    """AdamW's values, checked as ``torch.optim.AdamW`` would (which only complains inside ``trainer.fit``)."""
+    unknown = sorted(set(optimizer) - set(OPTIMIZER_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown optimizer key(s) {unknown}; allowed: {', '.join(OPTIMIZER_KEYS)}")
+    _number("optimizer.lr", optimizer.get("lr"), 0.0, low_open=True)
+    betas = optimizer.get("betas", (0.9, 0.999))
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        fail("optimizer.betas", betas, "a pair [beta1, beta2], each in [0, 1)")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            fail(f"optimizer.betas[{i}]", beta, "a number in [0, 1)")
+    _number("optimizer.eps", optimizer.get("eps", 1e-8), 0.0, low_open=True)
+    _number("optimizer.weight_decay", optimizer.get("weight_decay", 0.0), 0.0)
+    if optimizer.get("fused") not in (None, True, False):
+        fail("optimizer.fused", optimizer.get("fused"), "null, true or false")
+
+
+def check_data(data: Mapping[str, Any]) -> None:
+    _int("data.seq_len", data.get("seq_len"), 1)
+    _int("data.batch_size", data.get("batch_size"), 1)
+    _int("data.num_workers", data.get("num_workers", 0), 0)
+    _int("data.val_windows", data.get("val_windows"), 1, allow_none=True)
+    tokenizer = data.get("tokenizer_path")
+    if tokenizer is not None and not Path(str(tokenizer)).expanduser().is_file():
+        raise ConfigError(f"data.tokenizer_path={tokenizer!r} does not exist; give a tokenizer.json or null")
+    if tokenizer is None:
+        vocab = data.get("vocab_size")
+        _int("data.vocab_size", vocab, 257)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject bad values before anything is built, with a :class:`ConfigError` naming the key, the value and what
+    is allowed. Cheap: reads the config, imports no training code but the dataclasses that validate themselves."""
+    check_trainer(cfg.trainer)
+    max_steps = cfg.trainer.max_steps
+    data, model = cfg.data, cfg.model
+    check_data(data)
+    seq_len, context = data.get("seq_len"), model.get("max_seq_len")
+    if isinstance(context, int) and seq_len > context:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is longer than the model's context model.max_seq_len={context}; "
+            f"use data.seq_len<={context} or raise model.max_seq_len"
+        )
+    check_optimizer(_container(cfg.optimizer))
+    from bitflow.schedules import LRSchedule
+
+    scheduler = _container(cfg.scheduler)
+    with config_errors("scheduler", [*scheduler, "name"]):
+        try:
+            LRSchedule(total_steps=max_steps, **scheduler)
+        except TypeError as e:  # an unknown key
+            raise ConfigError(f"scheduler: {e}") from e
+        except ValueError as e:
+            raise ValueError(str(e).replace("total_steps=", "trainer.max_steps=")) from e
+    from bitflow.models.llama import LlamaConfig
+
+    fields = _container(model)
+    with config_errors("model", fields, owner="LlamaConfig"):
+        # the vocabulary size comes from the tokenizer later; a placeholder validates every other field now
+        LlamaConfig.from_dict({**fields, "vocab_size": 1})
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not Path(str(ckpt)).is_file():
+        raise ConfigError(f"ckpt_path={ckpt!r} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+    transition = cfg.get("transition")
+    if transition and "at" in transition:
+        from bitflow.schedules import resolve_switch_step
+
+        with config_errors():
+            resolve_switch_step(transition.get("at"), max_steps, key="transition.at")
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+def checkpoint_run_dir(ckpt_path: Any) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` with ``<run>/.hydra`` or
+    ``<run>/tb`` beside it), or None."""
+    if not ckpt_path:
+        return None
+    run = Path(str(ckpt_path)).expanduser().absolute().parent.parent
+    if Path(str(ckpt_path)).absolute().parent.name == "checkpoints" and any(
+        (run / marker).is_dir() for marker in (".hydra", "tb")
+    ):
+        return run
+    return None
+
+
+def _run_dir(ckpt_path: Any, default: str) -> str:
+    run = checkpoint_run_dir(ckpt_path)
+    return str(run) if run is not None else default
+
+
+def _hydra_subdir(ckpt_path: Any, stamp: str) -> str:
+    # a resumed run keeps the original .hydra/ (its overrides are what bitflow-report reads) and adds its own
+    return ".hydra" if checkpoint_run_dir(ckpt_path) is None else f".hydra/resume_{stamp}"
+
+
+def register_resolvers() -> None:
+    """``${bitflow.run_dir:...}`` and ``${bitflow.hydra_subdir:...}`` for conf/hydra/default.yaml: resuming from
+    ``<run>/checkpoints/x.ckpt`` continues in ``<run>`` (one TensorBoard curve, one cli.log)."""
+    for name, fn in (("bitflow.run_dir", _run_dir), ("bitflow.hydra_subdir", _hydra_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
