@@ -24,6 +24,7 @@ from bitflow.checkpoint import (  # load_checkpoint, read_checkpoint: re-exporte
     load_checkpoint,
     read_checkpoint,
 )
+from bitflow.models import model_root  # re-exported: the one unwrap helper lives in bitflow.models
 from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.quant.recipe import QuantRecipe, adamw, unwrap_optimizer
 from bitflow.quant.recipes import recipe_for_state, recipe_from_config
@@ -33,14 +34,6 @@ __all__ = [
     "CHECKPOINT_KEY", "LanguageModel", "default_optimizer_config", "load_checkpoint", "model_root", "param_groups",
     "read_checkpoint", "recipe_config_of",
 ]
-
-
-def model_root(module: nn.Module) -> nn.Module:
-    """The model inside a LightningModule (``module.model``, as bitflow's LanguageModel holds its Llama), or
-    ``module`` itself when it has no ``model`` submodule: the module whose layer names quant states and recipes
-    use. The one unwrap helper of bitflow."""
-    inner = getattr(module, "model", None)
-    return inner if isinstance(inner, nn.Module) else module
 
 
 def default_optimizer_config() -> dict[str, Any]:

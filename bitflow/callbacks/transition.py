@@ -39,7 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from bitflow.callbacks.spike import SpikeTracker
-from bitflow.lm import model_root
+from bitflow.models import model_root
 from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe
 from bitflow.quant.recipes import recipe_from_config
 from bitflow.schedules import PHASE_IN_SCHEDULES, phase_in, resolve_switch_step, rewarmup

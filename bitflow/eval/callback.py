@@ -14,34 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from bitflow.eval.suites import resolve_tasks
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and CUDA) random states on exit: lm-eval reseeds them
-    all."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 @contextlib.contextmanager
@@ -151,7 +134,7 @@ class LMEvalCallback(Callback):
             precision=self.precision,
         )
         lm.progress = False
-        with preserved_rng(), quiet_lm_eval():
+        with isolate_rng(include_cuda=True), quiet_lm_eval():  # lm-eval reseeds python, numpy and torch
             results = run_tasks(
                 lm, self.tasks, self.limit, self.num_fewshot, bootstrap_iters=0, manager=self._manager
             )

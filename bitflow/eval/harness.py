@@ -37,6 +37,7 @@ from bitflow.eval.scoring import (
     rolling_windows,
     score_windows,
 )
+from bitflow.models import model_root
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ def _as_tokenizer(tokenizer: Tokenizer | str) -> Tokenizer:
 def _as_decoder(model: nn.Module) -> nn.Module:
     """The plain decoder (``forward(idx) -> logits`` with ``.config.max_seq_len``) inside a LanguageModel, or
     the module itself."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and hasattr(inner, "config"):
-        return inner
+    model = model_root(model)
     if not hasattr(model, "config"):
         raise TypeError(
             "model must be a bitflow LanguageModel or Llama (a module with .config.max_seq_len), "

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from bitflow.eval.scoring import rolling_windows, score_windows
+from bitflow.models import model_root
 
 
 def _summary(total_logp: float, n_tokens: int, n_bytes: int | None = None) -> dict[str, float]:
@@ -29,11 +30,6 @@ def _summary(total_logp: float, n_tokens: int, n_bytes: int | None = None) -> di
     if n_bytes:
         out["bits_per_byte"] = -total_logp / math.log(2) / n_bytes
     return out
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(inner, "config") else model
 
 
 def perplexity_of_tokens(
@@ -48,7 +44,7 @@ def perplexity_of_tokens(
 ) -> dict[str, float]:
     """Mean next-token loss, perplexity and token count of one token stream (``prefix``, e.g. EOS, is
     prepended so the first token is scored too). ``max_len`` defaults to the model's ``max_seq_len``."""
-    decoder = _decoder(model)
+    decoder = model_root(model)
     max_len = max_len or int(decoder.config.max_seq_len)
     windows = rolling_windows([int(t) for t in tokens], max_len, stride=stride, prefix=prefix)
     if not windows:
