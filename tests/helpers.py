@@ -25,6 +25,25 @@ TINY = [
 ]
 
 
+# ----- the tiny model (quant helper): the model of TINY, for tests that build a Llama or LanguageModel in Python
+TINY_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
+# every nn.Linear of the tiny Llama but the (tied) LM head, in module order: what a recipe converts by default
+TINY_LINEARS = [
+    f"layers.{i}.{m}" for i in range(2) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")
+]
+
+
+def tiny_llama(seed: int = 0, **fields):
+    """A fresh tiny Llama (``TINY_MODEL``, with ``fields`` changed), its weights drawn after ``manual_seed(seed)``."""
+    import torch
+
+    from bitflow.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(**{**TINY_MODEL, **fields}))
+# ----- end of the tiny model
+
+
 def compose(overrides: list[str]):
     """Compose conf/train.yaml as the `bitflow` app would (without running Hydra's job machinery)."""
     from hydra import compose as hydra_compose

@@ -19,14 +19,11 @@ from bitflow.callbacks import PrecisionTransition
 from bitflow.cli import CONFIG_DIR, build_callbacks, run_training
 from bitflow.data import StdlibSource, TokenDataModule
 from bitflow.lm import LanguageModel, load_checkpoint
-from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.quant import BitLinear
 from bitflow.quant.recipes import recipe_from_config
-from tests.helpers import TINY, bitflow_env, compose, read_scalars
+from tests.helpers import TINY, TINY_LINEARS, TINY_MODEL, bitflow_env, compose, read_scalars, tiny_llama
 
-TINY_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
-# every nn.Linear of the tiny Llama but the (tied) LM head
-CONVERTED = [f"layers.{i}.{m}" for i in range(2) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")]
+CONVERTED = TINY_LINEARS
 LR = 1e-3
 
 
@@ -181,7 +178,7 @@ def test_every_quant_option_converts_the_model(quant: str, tiny_overrides: list[
     (transition,) = [c for c in build_callbacks(cfg) if isinstance(c, PrecisionTransition)]
     assert transition.at == 0  # quant alone: quantized from the first step
     recipe = recipe_from_config(cfg.quant)
-    model = Llama(LlamaConfig(**TINY_MODEL))
+    model = tiny_llama()
     assert recipe.plan(model) == CONVERTED
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # plan is pure
     assert recipe.convert(model).names == CONVERTED == recipe.converted(model)

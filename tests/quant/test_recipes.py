@@ -8,21 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from bitflow.models.llama import Llama, LlamaConfig
+from bitflow.models.llama import Llama
 from bitflow.quant import BitLinear, BitLinearOptions
 from bitflow.quant.dqt import DQTAdamW, DQTLinear
 from bitflow.quant.recipe import Conversion, QuantRecipe
 from bitflow.quant.recipes import RECIPES, recipe_for_state, recipe_from_config
+from tests.helpers import tiny_llama
 
-CONFIG = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16)
 MLP = [f"layers.{i}.mlp.{w}" for i in range(2) for w in ("w1", "w3", "w2")]
 BITLINEAR = {"recipe": "bitlinear"}
 DQT = {"recipe": "dqt"}
 
 
 def _model(seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig(**CONFIG))
+    return tiny_llama(seed)
 
 
 class HookedLinear(nn.Linear):
