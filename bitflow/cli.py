@@ -153,6 +153,9 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
         tokenizer_json=datamodule.tokenizer_json,
         quant=_container(cfg.get("quant")),
     )
+    if model.quant_recipe is not None:  # e.g. a quant.include that matches no layer: one clean error, before fit
+        with config_errors():
+            model.quant_recipe.plan(model.model)
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
 
