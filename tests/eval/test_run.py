@@ -24,6 +24,8 @@ from bitflow.eval.run import evaluate_checkpoint, lm_eval_cli
 from tests.eval.evalkit import make_lm, save_checkpoint
 from tests.helpers import bitflow_env, read_scalars
 
+pytestmark = pytest.mark.integration  # real subprocesses, Trainer fits or lm-eval's task index
+
 pytest_plugins = ["tests.eval.evalkit"]  # fixtures: tiny_tokenizer, tiny_lm, tiny_run_checkpoint
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "eval.yaml"
