@@ -16,6 +16,8 @@ from bitflow.eval.callback import LMEvalCallback
 from bitflow.events import read_scalars
 from tests.eval.evalkit import make_lm
 
+pytestmark = pytest.mark.integration  # real subprocesses, Trainer fits or lm-eval's task index
+
 pytest_plugins = ["tests.eval.evalkit"]  # fixtures: tiny_tokenizer, tiny_lm, tiny_run_checkpoint
 STEPS = 6  # 4 batches per epoch: the second epoch is shuffled after evaluations
 

@@ -237,6 +237,7 @@ def test_bad_model_args_are_clear_errors(tiny_lm, tiny_tokenizer, tiny_run_check
         BitflowLM(model=tiny_lm, tokenizer=tiny_tokenizer, precision="8")
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_importing_bitflow_eval_registers_the_model_lazily():
     # a fresh interpreter, as a .pth line `import bitflow.eval` starts it: lm-eval is not imported yet, and
     # `bitflow` appears in its registry next to the built-in models once lm-eval loads

@@ -8,6 +8,8 @@ from lm_eval.tasks import TaskManager
 
 from bitflow.eval.suites import TASK_GROUPS
 
+pytestmark = pytest.mark.integration  # real subprocesses, Trainer fits or lm-eval's task index
+
 
 @pytest.fixture(scope="module")
 def lm_eval_index() -> set[str]:
