@@ -25,7 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from bitflow.callbacks.transition import log_scalars, model_root
+from bitflow.callbacks.transition import log_scalars
+from bitflow.models import model_root
 from bitflow.quant import BitLinear
 
 __all__ = ["QuantMonitor"]
