@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bitflow.callbacks.spike import SpikeTracker
 from bitflow.models import model_root
-from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe
+from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe, check_mode
 from bitflow.quant.recipes import recipe_from_config
 from bitflow.schedules import PHASE_IN_SCHEDULES, phase_in, resolve_switch_step, rewarmup
 
@@ -109,10 +109,7 @@ class PrecisionTransition(Callback):
         recovery_smoothing: float = 0.9,
     ) -> None:
         resolve_switch_step(at, None)  # type and range; the step itself needs max_steps
-        if optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(
-                f"transition.optimizer_state={optimizer_state!r} is not allowed; allowed: {', '.join(OPTIMIZER_STATES)}"
-            )
+        check_mode(optimizer_state)
         if phase_in not in PHASE_IN_SCHEDULES:
             raise ValueError(
                 f"transition.phase_in={phase_in!r} is not allowed; allowed: {', '.join(PHASE_IN_SCHEDULES)}"
