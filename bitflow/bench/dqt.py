@@ -12,7 +12,7 @@ Four tables:
    model is converted from do not count): held between steps and peak during the steps.
 3. Time of one training step (forward, backward, clipping, optimizer step) under bf16 autocast.
 4. Final validation loss after the same number of steps on the default corpus, through the real ``bitflow`` run
-   (``run_training`` with ``+dqt=none|ste_ternary|ternary|int8``, the modes of ``+experiment=dqt_vs_ste``).
+   (``run_training`` with ``quant=none|ternary|dqt_ternary|dqt_int8``, the modes of ``+experiment=dqt_vs_ste``).
 """
 
 from __future__ import annotations
