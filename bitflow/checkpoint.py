@@ -9,27 +9,25 @@ A bitflow checkpoint is a Lightning checkpoint with one more section, ``checkpoi
      "tokens_seen": int}
 
 ``LanguageModel.on_save_checkpoint`` writes the section and ``on_load_checkpoint`` checks and applies it;
-:func:`read_checkpoint` reads a file with clear errors, :func:`load_checkpoint` rebuilds the model for evaluation,
-and :class:`AtomicCheckpointIO` writes every checkpoint atomically.
+:func:`read_checkpoint` reads a file with clear errors, :func:`check_same_model` compares architectures, and
+:class:`AtomicCheckpointIO` writes every checkpoint atomically. Rebuilding a model from a checkpoint is
+:func:`bitflow.lm.load_checkpoint` (it needs the LightningModule, which imports this module, never the reverse).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from bitflow.io import atomic_output
 
-if TYPE_CHECKING:
-    from bitflow.lm import LanguageModel
-
 __all__ = [
     "CHECKPOINT_KEY", "FORMAT_VERSION", "AtomicCheckpointIO", "atomic_torch_save", "check_same_model",
-    "load_checkpoint", "read_checkpoint",
+    "read_checkpoint",
 ]
 
 CHECKPOINT_KEY = "bitflow"
@@ -59,19 +57,6 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a bitflow checkpoint (no '{CHECKPOINT_KEY}' section)")
     return ckpt
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
-    """Rebuild the LanguageModel from a checkpoint: config, weights, tokenizer and quantization state (also for
-    checkpoints written before the quantization recipes existed)."""
-    from bitflow.lm import LanguageModel, recipe_config_of  # the model class; bitflow.lm imports this module
-
-    ckpt = read_checkpoint(path)
-    hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in ("optimizer", "scheduler")}
-    lm = LanguageModel(model=ckpt[CHECKPOINT_KEY]["model_config"], quant=recipe_config_of(ckpt), **hp)
-    lm.on_load_checkpoint(ckpt)
-    lm.load_state_dict(ckpt["state_dict"])
-    return lm.to(map_location).eval()
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitflow.checkpoint import (  # load_checkpoint, read_checkpoint: re-exported, their home is bitflow.checkpoint
+from bitflow.checkpoint import (  # read_checkpoint: re-exported, its home is bitflow.checkpoint
     CHECKPOINT_KEY,
     FORMAT_VERSION,
     check_same_model,
-    load_checkpoint,
     read_checkpoint,
 )
 from bitflow.models import model_root  # re-exported: the one unwrap helper lives in bitflow.models
@@ -233,3 +233,14 @@ def recipe_config_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
         return dict(hp["quant"])
     state = checkpoint[CHECKPOINT_KEY].get("quant")
     return recipe_for_state(state).config() if state else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
+    """Rebuild the LanguageModel from a checkpoint: config, weights, tokenizer and quantization state (also for
+    checkpoints written before the quantization recipes existed)."""
+    ckpt = read_checkpoint(path)
+    hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in ("optimizer", "scheduler")}
+    lm = LanguageModel(model=ckpt[CHECKPOINT_KEY]["model_config"], quant=recipe_config_of(ckpt), **hp)
+    lm.on_load_checkpoint(ckpt)
+    lm.load_state_dict(ckpt["state_dict"])
+    return lm.to(map_location).eval()

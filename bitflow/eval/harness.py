@@ -136,7 +136,7 @@ class BitflowLM(TemplateLM):
             device = here
         self._device = resolve_device(device)
         if ckpt is not None:
-            from bitflow.checkpoint import load_checkpoint
+            from bitflow.lm import load_checkpoint
 
             lm = load_checkpoint(ckpt, map_location=self._device)
             if lm.tokenizer_json is None:
