@@ -79,6 +79,7 @@ class Run:
 
     path: Path
     overrides: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)  # Hydra's group -> option (.hydra/hydra.yaml)
     config: Any = None  # the run's .hydra/config.yaml as an OmegaConf DictConfig (None: no config)
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     wall_time: float | None = None
@@ -100,15 +101,18 @@ class Run:
 
     def setting(self, key: str) -> str:
         """The run's value of a setting: from its config (resolved; a sweep over one setting shows the others'
-        values too), else from its command line, else "". A config group (a node) shows its command-line
-        choice (``quant=dqt_ternary``: ``dqt_ternary``), else ""."""
+        values too), else from its command line, else "". A config group (a node) shows its option: from the
+        command line (``quant=dqt_ternary``: ``dqt_ternary``), else Hydra's record of the choice (an experiment's
+        ``override /quant: ternary``), else ""."""
         from omegaconf import DictConfig, ListConfig
 
         value = self.get(key, _ABSENT)
         if value is _ABSENT:
             return self.overrides.get(key, "")
         if isinstance(value, (DictConfig, ListConfig)):
-            return self.overrides.get(key, "") if isinstance(value, DictConfig) else ""
+            if isinstance(value, ListConfig):
+                return ""
+            return self.overrides.get(key) or self.choices.get(key, "")
         return "null" if value is None else str(value)
 
     def series(self, tag: str) -> list[tuple[int, float]]:
@@ -232,6 +236,12 @@ def read_run(path: Path) -> Run:
         key, _, value = str(item).partition("=")
         run.overrides[key.lstrip("+~")] = value
     run.config = _read_yaml(run.path / ".hydra" / "config.yaml")
+    from omegaconf import OmegaConf
+
+    hydra_cfg = _read_yaml(run.path / ".hydra" / "hydra.yaml")
+    choices = OmegaConf.select(hydra_cfg, "hydra.runtime.choices", default=None) if hydra_cfg is not None else None
+    if choices is not None:
+        run.choices = {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
     events = read_events(run.path / "tb")
     run.scalars, run.wall_time = events.scalars, events.wall_time_span()
     for tag, series in run.scalars.items():

@@ -453,3 +453,20 @@ def test_report_on_a_real_tiny_multirun(tmp_path: Path, cache_dir: Path):
     for name in ("val_loss.png", "final_loss_vs_switch.png", "spike_by_phase_in.png"):
         with Image.open(tmp_path / "report" / name) as img:
             img.verify()
+
+
+def test_a_group_chosen_by_an_experiment_shows_its_option(tmp_path: Path):
+    """`+experiment=transition_50pct` picks quant=ternary inside the experiment file (`override /quant: ternary`):
+    not on the command line, so the report reads Hydra's record of the choice (.hydra/hydra.yaml)."""
+    from omegaconf import OmegaConf
+
+    ms = "trainer.max_steps=10"
+    typed = _hydra_run(tmp_path / "0", [ms, "quant=ternary", "transition=default"], _val(2.0))
+    chosen = _hydra_run(tmp_path / "1", [ms, "+experiment=transition_50pct"], _val(2.1))
+    for run_dir, quant in ((typed, "ternary"), (chosen, "ternary")):
+        choices = {"quant": quant, "transition": "default", "hydra/launcher": "basic"}
+        OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": choices}}}), run_dir / ".hydra" / "hydra.yaml")
+    runs = [read_run(typed), read_run(chosen)]
+    assert [r.setting("quant") for r in runs] == ["ternary", "ternary"]
+    assert [r.setting("transition") for r in runs] == ["default", "default"]
+    assert "hydra/launcher" not in runs[1].choices
