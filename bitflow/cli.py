@@ -127,6 +127,23 @@ def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
             check_resume(cfg)
 
 
+def plan_layers(cfg: DictConfig) -> list[str]:
+    """The layers the ``quant`` recipe will convert, planned on the model's shape before any data is tokenized (a
+    weightless copy on the meta device; the vocabulary size does not change which layers match). Raises
+    ``ValueError`` for a filter that matches no layer. ``[]`` for a 16-bit run."""
+    import torch
+
+    from bitflow.models.llama import Llama, LlamaConfig
+    from bitflow.quant.recipes import recipe_from_config
+
+    recipe = recipe_from_config(_container(cfg.get("quant")))
+    if recipe is None:
+        return []
+    with torch.device("meta"):
+        shape = Llama(LlamaConfig.from_dict({**_container(cfg.model), "vocab_size": cfg.data.get("vocab_size") or 1}))
+    return recipe.plan(shape)
+
+
 def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bool = False) -> dict[str, float]:
     """Check the config (unless ``prepared``: :func:`prepare_config` ran already), build data, model, callbacks,
     logger and trainer from it, then fit. Returns the final metrics. Bad config values raise
@@ -144,6 +161,7 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
     with config_errors("transition", list(cfg.get("transition") or {})):
         callbacks = build_callbacks(cfg)
     with config_errors():
+        plan_layers(cfg)
         datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
     model = LanguageModel(
         model={**_container(cfg.model), "vocab_size": datamodule.vocab_size},
@@ -153,9 +171,6 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
         tokenizer_json=datamodule.tokenizer_json,
         quant=_container(cfg.get("quant")),
     )
-    if model.quant_recipe is not None:  # e.g. a quant.include that matches no layer: one clean error, before fit
-        with config_errors():
-            model.quant_recipe.plan(model.model)
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
 

@@ -171,3 +171,11 @@ def test_the_adamw_defaults_live_in_the_optimizer_config():
     cfg = compose(["paths.output_dir=."]).optimizer
     assert opt.defaults["lr"] == cfg.lr == 2e-3 and opt.defaults["betas"] == tuple(cfg.betas)
     assert [g["weight_decay"] for g in opt.param_groups] == [cfg.weight_decay, 0.0]
+
+
+def test_a_layer_filter_matching_nothing_fails_before_any_data_is_tokenized(tiny_overrides, tmp_path: Path):
+    fresh = tmp_path / "fresh-cache"
+    overrides = [*tiny_overrides, f"paths.cache_dir={fresh}", "quant=ternary", "quant.include=[nope.*]"]
+    with pytest.raises(ConfigError, match=r"quant\.include=\['nope\.\*'\] .*match no nn\.Linear layer of Llama"):
+        run_training(compose(overrides))
+    assert not fresh.exists() or not any(fresh.rglob("*")), "the tokenizer or token cache was built first"
