@@ -86,6 +86,7 @@ def check_resume(cfg: DictConfig) -> None:
         LlamaConfig.from_dict({**_container(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
         saved_model,
     )
+    check_resume_quant(cfg, ckpt)
     saved_steps = ckpt[CHECKPOINT_KEY].get("max_steps")
     run_config = Path(cfg.ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
     if saved_steps is None and run_config.is_file():  # checkpoints written before max_steps was stored
@@ -103,6 +104,41 @@ def check_resume(cfg: DictConfig) -> None:
         )
     if changed:
         log.warning("resuming with a changed LR schedule (allow_schedule_change=true): %s", ", ".join(changed))
+
+
+def check_resume_quant(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint with another quantization (``quant``) or another switch step
+    (``transition``) than it was trained with: the model, its optimizer state and the schedule would not match."""
+    from bitflow.config import planned_switch_step, quant_and_transition
+    from bitflow.lm import recipe_config_of
+    from bitflow.quant.recipes import recipe_from_config
+
+    saved_config = recipe_config_of(ckpt)
+    saved = recipe_from_config(saved_config)
+    recipe, _ = quant_and_transition(cfg)
+    if saved != recipe:
+        if saved is None or recipe is None or saved.name != recipe.name:
+            was = "quant=none (16-bit)" if saved is None else f"quant.recipe={saved.name}"
+            now = "quant=none (16-bit)" if recipe is None else f"quant.recipe={recipe.name}"
+            what = f"{was}, this run has {now}"
+        else:
+            a, b = saved.config(), recipe.config()
+            what = "other quantization options (" + ", ".join(
+                f"quant.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ) + ")"
+        raise ConfigError(
+            f"resuming {cfg.ckpt_path}: the checkpoint was trained with {what}; resume with the quant option (and "
+            "quant.* overrides) of the original run"
+        )
+    states = [v for k, v in (ckpt.get("callbacks") or {}).items() if k.startswith("PrecisionTransition")]
+    if states and isinstance(states[0], dict) and "switch_step" in states[0]:
+        was_step, now_step = states[0]["switch_step"], planned_switch_step(cfg)
+        if was_step != now_step:
+            raise ConfigError(
+                f"resuming {cfg.ckpt_path}: the checkpoint's run switches precision at step {was_step}, this run at "
+                f"step {now_step}; resume with the transition (transition=..., transition.at) of the original run"
+            )
 
 
 def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
@@ -188,6 +224,24 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+def record_config(cfg: DictConfig) -> Path | None:
+    """Rewrite Hydra's ``.hydra/config.yaml`` of this run with the config as :func:`prepare_config` settled it
+    (``trainer.precision`` resolved, short-run scaling applied), so the run's record and ``bitflow-report`` show
+    what the run used; the command line stays in ``overrides.yaml``. Rank 0 only; no-op outside Hydra's app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from bitflow.io import atomic_write_text
+
+    if not HydraConfig.initialized() or int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("NODE_RANK", 0)):
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is None:
+        return None
+    return atomic_write_text(
+        Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir) / "config.yaml", OmegaConf.to_yaml(cfg)
+    )
+
+
 def report_config_error(error: ConfigError) -> None:
     """Print a config error as one clean message (the traceback only with ``HYDRA_FULL_ERROR=1``) and exit 2."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -204,6 +258,7 @@ def _train(cfg: DictConfig) -> float | None:
         prepare_config(cfg)  # before the slow imports: a bad value fails within a second or two
     except ConfigError as e:
         report_config_error(e)
+    record_config(cfg)
     from bitflow.console import setup_console
 
     setup_console()  # warning filters, Lightning's console handlers undone, Lightning's adverts dropped

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,7 +31,9 @@ __all__ = [
     "explicit_keys",
     "fail",
     "fit_short_run",
+    "planned_switch_step",
     "qualify",
+    "quant_and_transition",
     "resolve_precision",
 ]
 
@@ -113,6 +116,17 @@ def native_bf16_cpu() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def native_bf16_gpu() -> tuple[bool, str]:
+    """``(native bf16, GPU name)`` of this process's CUDA device (``LOCAL_RANK``: each DDP rank asks before
+    Lightning picks its device, and touching GPU 0 from every rank would put a context of each on it). Emulated
+    bf16 (pre-Ampere GPUs) does not count: it is the slow case."""
+    import torch
+
+    device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name(device)
+
+
 def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[str, str]:
     """``(precision, why)``: ``auto`` becomes ``bf16-mixed`` on a CUDA GPU with bf16 support or on a CPU with native
     bf16 (AVX-512 BF16 / AMX), else ``32-true``. Any other value is returned as it is."""
@@ -122,10 +136,10 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[str, s
 
     use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if use_gpu:
-        name = torch.cuda.get_device_name(0)
-        if torch.cuda.is_bf16_supported():
+        native, name = native_bf16_gpu()
+        if native:
             return "bf16-mixed", f"GPU {name} supports bf16"
-        return "32-true", f"GPU {name} has no bf16 support"
+        return "32-true", f"GPU {name} has no native bf16"
     capability = torch.backends.cpu.get_cpu_capability()
     if native_bf16_cpu():
         return "bf16-mixed", f"CPU ({capability}) has native bf16"
@@ -262,12 +276,65 @@ def check_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt!r} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
-    transition = cfg.get("transition")
-    if transition and "at" in transition:
-        from bitflow.schedules import resolve_switch_step
+    with config_errors():
+        t0 = planned_switch_step(cfg)  # quant options, quant/transition combination, transition.at against the run
+        recipe, _ = quant_and_transition(cfg)
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if t0 and recipe is not None and not recipe.keeps_parameters and strategy.startswith("ddp") and (
+        "find_unused_parameters_true" not in strategy
+    ):
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} with a mid-run switch (step {t0}) to quant.recipe={recipe.name!r}: the "
+            "switch removes the float weights that DDP synchronises; use "
+            "trainer.strategy=ddp_find_unused_parameters_true (or quantize from the first step)"
+        )
 
-        with config_errors():
-            resolve_switch_step(transition.get("at"), max_steps, key="transition.at")
+
+# ------------------------------------------------------------------------------------------------ quant, transition
+NEEDS_QUANT = (
+    "a precision transition needs a quantization to switch to, but quant=none (16-bit); pick one, e.g. "
+    "quant=ternary or quant=dqt_ternary, or drop transition=default"
+)
+
+
+def quant_and_transition(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
+    """What (the ``quant`` recipe, None = 16-bit) and when (the ``transition`` arguments, None = no transition
+    selected: a recipe then applies from the first step) of a run, checked without Lightning.
+
+    Raises ``ValueError`` naming the key for bad ``quant.*`` options, ``transition.*`` options set without
+    ``transition=default`` (e.g. ``+transition.at=0.5``), another ``transition._target_``, or a transition with
+    ``quant=none``. :func:`bitflow.callbacks.build_transition` builds the callback from this.
+    """
+    from bitflow.quant.recipes import recipe_from_config
+
+    recipe = recipe_from_config(_container(OmegaConf.select(cfg, "quant")))
+    node = OmegaConf.select(cfg, "transition")
+    trans = dict(_container(node)) if node is not None else {}
+    target = trans.pop("_target_", None)
+    if target is None:
+        if trans:
+            key = sorted(trans)[0]
+            raise ValueError(
+                f"transition.{key}={trans[key]!r} is set, but no transition is selected; add transition=default "
+                f"(e.g. `bitflow quant=ternary transition=default transition.{key}={trans[key]}`)"
+            )
+        return recipe, None
+    if str(target).rsplit(".", 1)[-1] != "PrecisionTransition":
+        fail("transition._target_", target, "bitflow.callbacks.PrecisionTransition")
+    if recipe is None and trans.get("quant") is None:
+        raise ValueError(NEEDS_QUANT)
+    return recipe, trans
+
+
+def planned_switch_step(cfg: DictConfig) -> int | None:
+    """The step at which the run's ``quant`` applies: 0 without a transition, ``transition.at`` resolved with a
+    transition, None for a 16-bit run (or a transition that never switches)."""
+    from bitflow.schedules import resolve_switch_step
+
+    recipe, trans = quant_and_transition(cfg)
+    if trans is None:
+        return 0 if recipe is not None else None
+    return resolve_switch_step(trans.get("at", 0.5), cfg.trainer.max_steps, key="transition.at")
 
 
 # ------------------------------------------------------------------------------------------------ run directory
@@ -289,9 +356,12 @@ def _run_dir(ckpt_path: Any, default: str) -> str:
     return str(run) if run is not None else default
 
 
-def _hydra_subdir(ckpt_path: Any, stamp: str) -> str:
-    # a resumed run keeps the original .hydra/ (its overrides are what bitflow-report reads) and adds its own
-    return ".hydra" if checkpoint_run_dir(ckpt_path) is None else f".hydra/resume_{stamp}"
+def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN") -> str:
+    # a resumed run keeps the original .hydra/ (its overrides are what bitflow-report reads) and adds its own; a
+    # multirun job resuming a checkpoint has a new job directory of its own, so its configs go to .hydra as usual
+    if str(mode).upper().endswith("MULTIRUN") or checkpoint_run_dir(ckpt_path) is None:
+        return ".hydra"
+    return f".hydra/resume_{stamp}"
 
 
 def register_resolvers() -> None:

@@ -35,13 +35,20 @@ class RunEvents:
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     wall_times: dict[str, list[float]] = field(default_factory=dict)
     histograms: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
+    # per event file (one per process that wrote the run: the first start and every resume), tag -> wall times
+    file_wall_times: list[dict[str, list[float]]] = field(default_factory=list)
 
     def wall_time_span(self, exclude: tuple[str, ...] = ("eval/",)) -> float | None:
-        """Seconds from the first to the last scalar event, leaving out tags that start with ``exclude``
-        (by default the ``eval/`` scalars, which ``bitflow-eval`` may append long after training). None: no
-        events."""
-        times = [t for tag, ts in self.wall_times.items() if not tag.startswith(exclude) for t in ts]
-        return max(times) - min(times) if times else None
+        """Seconds of training: from the first to the last scalar event of each event file, summed over the files
+        (a resumed run writes a new file, and the pause before the resume does not count), leaving out tags
+        that start with ``exclude`` (by default the ``eval/`` scalars, which ``bitflow-eval`` may append long
+        after training). None: no events."""
+        spans = []
+        for per_tag in self.file_wall_times:
+            times = [t for tag, ts in per_tag.items() if not tag.startswith(exclude) for t in ts]
+            if times:
+                spans.append(max(times) - min(times))
+        return sum(spans) if spans else None
 
 
 def event_files(path: str | os.PathLike) -> list[Path]:
@@ -66,10 +73,13 @@ def read_events(path: str | os.PathLike, histograms: bool = False) -> RunEvents:
         acc = EventAccumulator(str(file), size_guidance=guidance, purge_orphaned_data=False)
         acc.Reload()
         tags = acc.Tags()
+        this_file: dict[str, list[float]] = {}
+        out.file_wall_times.append(this_file)
         for tag in tags.get("scalars", []):
             by_step = latest.setdefault(tag, {})
             for e in acc.Scalars(tag):
                 out.wall_times.setdefault(tag, []).append(e.wall_time)
+                this_file.setdefault(tag, []).append(e.wall_time)
                 if int(e.step) not in by_step or e.wall_time >= by_step[int(e.step)][0]:
                     by_step[int(e.step)] = (e.wall_time, float(e.value))
         for tag in tags.get("histograms", []) if histograms else []:

@@ -108,6 +108,9 @@ def test_short_run_validates_and_checkpoints_at_its_last_step(tmp_path: Path, ca
     assert "short run (trainer.max_steps=7): scheduler.warmup_steps 50 -> 0" in log
     assert "trainer.val_check_interval 100 -> 7" in log
     assert "trainer.precision=auto -> " in log
+    # the run's record holds what it used, not "auto" and the unscaled defaults
+    recorded = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert recorded.trainer.precision in ("bf16-mixed", "32-true") and recorded.scheduler.warmup_steps == 0
 
 
 def test_multirun_flag_anywhere_among_the_overrides(tmp_path: Path, cache_dir: Path):
@@ -148,3 +151,16 @@ def test_resume_continues_in_the_run_directory_and_refuses_a_reshaped_schedule(t
     assert "trainer.max_steps=8" in OmegaConf.load(run / ".hydra" / "overrides.yaml")
     assert any(p.name.startswith("resume_") for p in (run / ".hydra").iterdir())
     assert os.path.getsize(run / "cli.log") > 0
+
+
+def test_a_resumed_run_keeps_the_original_hydra_record_but_a_multirun_job_writes_its_own(tmp_path: Path):
+    from bitflow.config import _hydra_subdir
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert _hydra_subdir(ckpt, "2026-01-01_00-00-00", "RUN") == ".hydra/resume_2026-01-01_00-00-00"
+    assert _hydra_subdir(ckpt, "2026-01-01_00-00-00", "RunMode.MULTIRUN") == ".hydra"  # a new job directory
+    assert _hydra_subdir(None, "2026-01-01_00-00-00", "RUN") == ".hydra"
+    assert _hydra_subdir(tmp_path / "loose.ckpt", "t", "RUN") == ".hydra"  # not inside a run directory

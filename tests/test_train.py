@@ -87,7 +87,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_overrides: l
         (["model.n_heads=3"], r"model\.d_model=32 must be divisible by model\.n_heads=3"),
         (["trainer.precision=16"], r"trainer\.precision=16 is not allowed; allowed: auto, 32-true, bf16-mixed"),
         (["data.batch_size=0"], r"data\.batch_size=0 is not allowed; allowed: an integer >= 1"),
-        (["transition=default", "transition.at=0.01"], r"transition\.at=0\.01 of trainer\.max_steps=12 is step 0"),
+        (["transition=default"], r"a precision transition needs a quantization to switch to, but quant=none"),
+        (["+transition.at=0.5"], r"transition\.at=0\.5 is set, but no transition is selected; add transition=default"),
+        (["quant=dqt_ternary", "transition=default", "trainer.strategy=ddp"],
+         r"trainer\.strategy='ddp' with a mid-run switch \(step 6\) to quant\.recipe='dqt'"),
+        (["quant=ternary", "transition=default", "transition.at=0.01"], r"transition\.at=0\.01 of trainer\.max_steps=12 is step 0"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_overrides, tmp_path, overrides, match):
@@ -179,3 +183,16 @@ def test_a_layer_filter_matching_nothing_fails_before_any_data_is_tokenized(tiny
     with pytest.raises(ConfigError, match=r"quant\.include=\['nope\.\*'\] .*match no nn\.Linear layer of Llama"):
         run_training(compose(overrides))
     assert not fresh.exists() or not any(fresh.rglob("*")), "the tokenizer or token cache was built first"
+
+
+def test_resuming_with_another_quantization_or_switch_step_is_refused_before_training(tiny_overrides, tmp_path):
+    run_training(compose([*tiny_overrides, "trainer.max_steps=4", "quant=ternary"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    other = [*tiny_overrides, "trainer.max_steps=4", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'other'}"]
+    with pytest.raises(ConfigError, match=r"trained with quant\.recipe=bitlinear, this run has quant=none \(16-bit\)"):
+        run_training(compose(other))  # the default quant=none
+    with pytest.raises(ConfigError, match=r"other quantization options \(quant\.weight_scale: checkpoint 'absmean', this run 'absmedian'\)"):
+        run_training(compose([*other, "quant=ternary_median"]))
+    with pytest.raises(ConfigError, match=r"switches precision at step 0, this run at step 2"):
+        run_training(compose([*other, "quant=ternary", "transition=default", "transition.at=2"]))
+    assert not (tmp_path / "other").exists()  # refused before a logger or checkpoint directory is made

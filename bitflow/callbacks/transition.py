@@ -39,6 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from bitflow.callbacks.spike import SpikeTracker
+from bitflow.config import NEEDS_QUANT, quant_and_transition
 from bitflow.models import model_root
 from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe, check_mode
 from bitflow.quant.recipes import recipe_from_config
@@ -161,10 +162,7 @@ class PrecisionTransition(Callback):
     def check(self, recipe: QuantRecipe | None, max_steps: int | None) -> int | None:
         """Check this transition against the recipe it drives and the run length; returns the switch step t0."""
         if recipe is None:
-            raise ValueError(
-                "a precision transition needs a quantization to switch to, but quant=none (16-bit); pick one, e.g. "
-                "quant=ternary or quant=dqt_ternary, or drop transition=default"
-            )
+            raise ValueError(NEEDS_QUANT)
         self._check_phase_in(recipe)
         return resolve_switch_step(self.at, max_steps)
 
@@ -369,24 +367,12 @@ def build_transition(cfg: DictConfig) -> PrecisionTransition | None:
 
     ``quant=none`` without a transition: ``None`` (16-bit). ``quant=<option>`` alone: quantized from the first
     step (``at=0``). ``transition=default``: the switch at ``transition.at``. Refused with one ``ValueError``
-    naming the key: options of ``transition`` set without ``transition=default`` (e.g. ``+transition.at=0.5``), a
-    transition without a quantization, a phase-in for a recipe without one, a switch step outside the run.
+    naming the key: what :func:`bitflow.config.quant_and_transition` refuses, a phase-in for a recipe without
+    one, a switch step outside the run.
     """
-    quant = OmegaConf.to_container(cfg.quant, resolve=True) if OmegaConf.select(cfg, "quant") is not None else None
-    recipe = recipe_from_config(quant)
-    node = OmegaConf.select(cfg, "transition")
-    trans = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
-    target = trans.pop("_target_", None)
-    if target is None:
-        if trans:
-            key = sorted(trans)[0]
-            raise ValueError(
-                f"transition.{key}={trans[key]!r} is set, but no transition is selected; add transition=default "
-                f"(e.g. `bitflow quant=ternary transition=default transition.{key}={trans[key]}`)"
-            )
+    recipe, trans = quant_and_transition(cfg)
+    if trans is None:
         return PrecisionTransition(at=0) if recipe is not None else None
-    if target.rsplit(".", 1)[-1] != PrecisionTransition.__name__:
-        raise ValueError(f"transition._target_={target!r} is not allowed; allowed: bitflow.callbacks.PrecisionTransition")
     transition = PrecisionTransition(**trans)
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     transition.check(transition.quant or recipe, max_steps)

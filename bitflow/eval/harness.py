@@ -56,13 +56,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """ "auto" -> "bf16" on a GPU that supports it, else "32"; "32", "bf16", "16" as given."""
+    """ "auto" -> "bf16" on a GPU with native bf16 (:func:`bitflow.config.native_bf16_gpu`), else "32"; "32",
+    "bf16", "16" as given."""
     precision = str(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32"
+    if device.type != "cuda":
+        return "32"  # scores on the CPU in fp32, whatever the CPU: exact and comparable across machines
+    from bitflow.config import native_bf16_gpu
+
+    return "bf16" if native_bf16_gpu()[0] else "32"
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str) -> Tokenizer:
