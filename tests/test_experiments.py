@@ -48,6 +48,8 @@ def _sweep(cfg) -> dict[str, list]:
 def test_the_study_is_complete_and_runs_on_one_budget():
     assert set(STUDY) <= set(EXPERIMENTS)
     assert {compose([f"+experiment={name}", "paths.output_dir=."]).trainer.max_steps for name in STUDY} == {350}
+    # and so does the DQT study (experiments/dqt_vs_ste), on the same budget
+    assert compose(["+experiment=dqt_vs_ste", "paths.output_dir=."]).trainer.max_steps == 350
     # one base file holds the budget; the study experiments inherit it
     assert [p.name for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if "max_steps" in p.read_text()] == [
         "study.yaml"
