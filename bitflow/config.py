@@ -27,6 +27,7 @@ __all__ = [
     "PRECISIONS",
     "ConfigError",
     "check_config",
+    "check_int",
     "config_errors",
     "explicit_keys",
     "fail",
@@ -77,11 +78,13 @@ def fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
 
 
-def _int(key: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+def check_int(key: str, value: Any, minimum: int, allow_none: bool = False, allowed: str | None = None) -> None:
+    """:func:`fail` unless ``value`` is an integer >= ``minimum`` (or None, with ``allow_none``); ``allowed``
+    replaces the default description of what is allowed."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(key, value, f"an integer >= {minimum}" + (" or null" if allow_none else ""))
+        fail(key, value, allowed or f"an integer >= {minimum}" + (" or null" if allow_none else ""))
 
 
 def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
@@ -196,7 +199,7 @@ def fit_short_run(cfg: DictConfig, explicit: set[str] = frozenset()) -> list[str
 
 # ------------------------------------------------------------------------------------------------ checks
 def check_trainer(trainer: Mapping[str, Any]) -> None:
-    _int("trainer.max_steps", trainer.get("max_steps"), 1)
+    check_int("trainer.max_steps", trainer.get("max_steps"), 1)
     precision = trainer.get("precision")
     if str(precision) not in PRECISIONS and precision not in ("32", "16", "bf16", "64"):
         fail("trainer.precision", precision, ", ".join(PRECISIONS) + " (auto = bf16-mixed where native, else 32-true)")
@@ -204,9 +207,9 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
     if isinstance(interval, float):
         _number("trainer.val_check_interval", interval, 0.0, 1.0, low_open=True)
     else:
-        _int("trainer.val_check_interval", interval, 1, allow_none=True)
-    _int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 1), 1)
-    _int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), 1)
+        check_int("trainer.val_check_interval", interval, 1, allow_none=True)
+    check_int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 1), 1)
+    check_int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), 1)
     clip = trainer.get("gradient_clip_val")
     if clip is not None:
         _number("trainer.gradient_clip_val", clip, 0.0)
@@ -231,16 +234,16 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
 
 
 def check_data(data: Mapping[str, Any]) -> None:
-    _int("data.seq_len", data.get("seq_len"), 1)
-    _int("data.batch_size", data.get("batch_size"), 1)
-    _int("data.num_workers", data.get("num_workers", 0), 0)
-    _int("data.val_windows", data.get("val_windows"), 1, allow_none=True)
+    check_int("data.seq_len", data.get("seq_len"), 1)
+    check_int("data.batch_size", data.get("batch_size"), 1)
+    check_int("data.num_workers", data.get("num_workers", 0), 0)
+    check_int("data.val_windows", data.get("val_windows"), 1, allow_none=True)
     tokenizer = data.get("tokenizer_path")
     if tokenizer is not None and not Path(str(tokenizer)).expanduser().is_file():
         raise ConfigError(f"data.tokenizer_path={tokenizer!r} does not exist; give a tokenizer.json or null")
     if tokenizer is None:
         vocab = data.get("vocab_size")
-        _int("data.vocab_size", vocab, 257)
+        check_int("data.vocab_size", vocab, 257)
 
 
 def check_config(cfg: DictConfig) -> None:

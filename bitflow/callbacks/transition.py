@@ -39,7 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from bitflow.callbacks.spike import SpikeTracker
-from bitflow.config import NEEDS_QUANT, quant_and_transition
+from bitflow.config import NEEDS_QUANT, check_int, quant_and_transition
 from bitflow.models import model_root
 from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe, check_mode
 from bitflow.quant.recipes import recipe_from_config
@@ -60,12 +60,6 @@ def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> 
     """
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
-
-
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"transition.{name}={value!r} is not allowed; allowed: an integer >= {minimum}")
-    return value
 
 
 class PrecisionTransition(Callback):
@@ -115,14 +109,14 @@ class PrecisionTransition(Callback):
             raise ValueError(
                 f"transition.phase_in={phase_in!r} is not allowed; allowed: {', '.join(PHASE_IN_SCHEDULES)}"
             )
-        _check_int("lr_rewarmup_steps", lr_rewarmup_steps)
-        _check_int("phase_in_steps", phase_in_steps)
+        check_int("transition.lr_rewarmup_steps", lr_rewarmup_steps, 0)
+        check_int("transition.phase_in_steps", phase_in_steps, 0)
         if phase_in != "none" and phase_in_steps == 0:
             raise ValueError(
                 f"transition.phase_in={phase_in!r} needs transition.phase_in_steps > 0 (got 0); or use "
                 "transition.phase_in=none"
             )
-        _check_int("spike_window", spike_window, minimum=1)
+        check_int("transition.spike_window", spike_window, 1)
         if isinstance(recovery_smoothing, bool) or not isinstance(recovery_smoothing, (int, float)) or not (
             0.0 <= recovery_smoothing < 1.0
         ):

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bitflow.config import ConfigError, fail
+from bitflow.config import ConfigError, check_int, fail
 
 EVAL_CONFIG = "eval"  # conf/eval.yaml
 PRECISIONS = ("auto", "32", "bf16", "16")
@@ -79,14 +79,6 @@ def task_list(tasks: Any) -> list[str]:
         raise ConfigError(f"tasks={tasks!r}: {err}") from None
 
 
-def _optional_int(cfg: DictConfig, key: str, minimum: int, what: str) -> None:
-    value = cfg[key]
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(key, value, what)
-
-
 def check_eval_config(cfg: DictConfig) -> DictConfig:
     """Check every ``bitflow-eval`` setting; returns a normalised copy (``tasks`` a list of task names,
     ``perplexity`` None, "val" or a list of paths, ``precision`` a string, ``limit`` an int or a fraction).
@@ -120,7 +112,13 @@ def check_eval_config(cfg: DictConfig) -> DictConfig:
             if float(limit) != int(limit):
                 fail("limit", limit, "a whole number of examples when >= 1, or a fraction in (0, 1)")
             cfg.limit = int(limit)
-    _optional_int(cfg, "num_fewshot", 0, "a whole number >= 0, or null (each task's default)")
+    check_int(
+        "num_fewshot",
+        cfg.num_fewshot,
+        0,
+        allow_none=True,
+        allowed="a whole number >= 0, or null (each task's default)",
+    )
     parse_batch_size(cfg.batch_size)
     cfg.batch_size = str(cfg.batch_size)
     device = cfg.device
@@ -134,13 +132,29 @@ def check_eval_config(cfg: DictConfig) -> DictConfig:
     if str(cfg.precision) not in PRECISIONS:
         fail("precision", cfg.precision, f"one of {', '.join(PRECISIONS)}")
     cfg.precision = str(cfg.precision)
-    _optional_int(
-        cfg, "max_length", 1, "a positive number of tokens (at most the model's max_seq_len), or null"
+    check_int(
+        "max_length",
+        cfg.max_length,
+        1,
+        allow_none=True,
+        allowed="a positive number of tokens (at most the model's max_seq_len), or null",
     )
     if cfg.bootstrap_iters is None:
         cfg.bootstrap_iters = 0
-    _optional_int(cfg, "bootstrap_iters", 0, "a whole number >= 0 (0 = no stderr)")
-    _optional_int(cfg, "stride", 1, "a positive number of tokens, or null (the context length)")
+    check_int(
+        "bootstrap_iters",
+        cfg.bootstrap_iters,
+        0,
+        allow_none=True,
+        allowed="a whole number >= 0 (0 = no stderr)",
+    )
+    check_int(
+        "stride",
+        cfg.stride,
+        1,
+        allow_none=True,
+        allowed="a positive number of tokens, or null (the context length)",
+    )
     if not isinstance(cfg.tensorboard, bool):
         fail("tensorboard", cfg.tensorboard, "true or false")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
