@@ -17,11 +17,13 @@ from bitflow.config import (
     ConfigError,
     check_config,
     check_trainer,
+    checkpoint_run_dir,
     config_errors,
     explicit_keys,
     fit_short_run,
     register_resolvers,
     resolve_precision,
+    to_plain,
 )
 
 register_resolvers()  # before Hydra resolves hydra.run.dir
@@ -44,10 +46,6 @@ def hydra_argv(argv: list[str]) -> list[str]:
     """
     flags = [a for a in argv if a in MULTIRUN_FLAGS]
     return flags[:1] + [a for a in argv if a not in MULTIRUN_FLAGS]
-
-
-def _container(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -83,18 +81,19 @@ def check_resume(cfg: DictConfig) -> None:
     saved_model = ckpt[CHECKPOINT_KEY]["model_config"]
     # the vocabulary comes from the tokenizer (the checkpoint carries it); every other field from this config
     check_same_model(
-        LlamaConfig.from_dict({**_container(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
+        LlamaConfig.from_dict({**to_plain(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
         saved_model,
     )
     check_resume_quant(cfg, ckpt)
     saved_steps = ckpt[CHECKPOINT_KEY].get("max_steps")
-    run_config = Path(cfg.ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
-    if saved_steps is None and run_config.is_file():  # checkpoints written before max_steps was stored
+    run = checkpoint_run_dir(cfg.ckpt_path)
+    run_config = run / ".hydra" / "config.yaml" if run is not None else None
+    if saved_steps is None and run_config is not None and run_config.is_file():  # written before max_steps was stored
         saved_steps = OmegaConf.select(OmegaConf.load(run_config), "trainer.max_steps", default=None)
     saved = {f"scheduler.{k}": v for k, v in (ckpt.get("hyper_parameters", {}).get("scheduler") or {}).items()}
     if saved_steps is not None:
         saved["trainer.max_steps"] = saved_steps
-    now = {f"scheduler.{k}": v for k, v in _container(cfg.scheduler).items()}
+    now = {f"scheduler.{k}": v for k, v in to_plain(cfg.scheduler).items()}
     now["trainer.max_steps"] = cfg.trainer.max_steps
     changed = [f"{k}={now.get(k)!r} (checkpoint: {v!r})" for k, v in saved.items() if now.get(k) != v]
     if changed and not cfg.get("allow_schedule_change", False):
@@ -172,11 +171,11 @@ def plan_layers(cfg: DictConfig) -> list[str]:
     from bitflow.models.llama import Llama, LlamaConfig
     from bitflow.quant.recipes import recipe_from_config
 
-    recipe = recipe_from_config(_container(cfg.get("quant")))
+    recipe = recipe_from_config(to_plain(cfg.get("quant")))
     if recipe is None:
         return []
     with torch.device("meta"):
-        shape = Llama(LlamaConfig.from_dict({**_container(cfg.model), "vocab_size": cfg.data.get("vocab_size") or 1}))
+        shape = Llama(LlamaConfig.from_dict({**to_plain(cfg.model), "vocab_size": cfg.data.get("vocab_size") or 1}))
     return recipe.plan(shape)
 
 
@@ -200,12 +199,12 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
         plan_layers(cfg)
         datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
     model = LanguageModel(
-        model={**_container(cfg.model), "vocab_size": datamodule.vocab_size},
-        optimizer=_container(cfg.optimizer),
-        scheduler=_container(cfg.scheduler),
+        model={**to_plain(cfg.model), "vocab_size": datamodule.vocab_size},
+        optimizer=to_plain(cfg.optimizer),
+        scheduler=to_plain(cfg.scheduler),
         compile=cfg.get("compile", False),
         tokenizer_json=datamodule.tokenizer_json,
-        quant=_container(cfg.get("quant")),
+        quant=to_plain(cfg.get("quant")),
     )
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint

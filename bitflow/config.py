@@ -36,6 +36,8 @@ __all__ = [
     "qualify",
     "quant_and_transition",
     "resolve_precision",
+    "run_dir_of",
+    "to_plain",
 ]
 
 # Lightning's precision strings (as strings: a bare 16 or 32 is the template pitfall), plus bitflow's "auto"
@@ -99,7 +101,8 @@ def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: 
         fail(key, value, allowed)
 
 
-def _container(node: Any) -> Any:
+def to_plain(node: Any) -> Any:
+    """A config node as plain Python data (interpolations resolved); anything else as it is."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
@@ -259,10 +262,10 @@ def check_config(cfg: DictConfig) -> None:
             f"data.seq_len={seq_len} is longer than the model's context model.max_seq_len={context}; "
             f"use data.seq_len<={context} or raise model.max_seq_len"
         )
-    check_optimizer(_container(cfg.optimizer))
+    check_optimizer(to_plain(cfg.optimizer))
     from bitflow.schedules import LRSchedule
 
-    scheduler = _container(cfg.scheduler)
+    scheduler = to_plain(cfg.scheduler)
     with config_errors("scheduler", [*scheduler, "name"]):
         try:
             LRSchedule(total_steps=max_steps, **scheduler)
@@ -272,7 +275,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(str(e).replace("total_steps=", "trainer.max_steps=")) from e
     from bitflow.models.llama import LlamaConfig
 
-    fields = _container(model)
+    fields = to_plain(model)
     with config_errors("model", fields, owner="LlamaConfig"):
         # the vocabulary size comes from the tokenizer later; a placeholder validates every other field now
         LlamaConfig.from_dict({**fields, "vocab_size": 1})
@@ -310,9 +313,9 @@ def quant_and_transition(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
     """
     from bitflow.quant.recipes import recipe_from_config
 
-    recipe = recipe_from_config(_container(OmegaConf.select(cfg, "quant")))
+    recipe = recipe_from_config(to_plain(OmegaConf.select(cfg, "quant")))
     node = OmegaConf.select(cfg, "transition")
-    trans = dict(_container(node)) if node is not None else {}
+    trans = dict(to_plain(node)) if node is not None else {}
     target = trans.pop("_target_", None)
     if target is None:
         if trans:
@@ -341,17 +344,17 @@ def planned_switch_step(cfg: DictConfig) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ run directory
+def run_dir_of(ckpt: str | Path) -> Path | None:
+    """The run directory of ``<run>/checkpoints/<name>.ckpt``, or None for a checkpoint elsewhere."""
+    ckpt = Path(ckpt).expanduser().resolve()
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
 def checkpoint_run_dir(ckpt_path: Any) -> Path | None:
-    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` with ``<run>/.hydra`` or
-    ``<run>/tb`` beside it), or None."""
-    if not ckpt_path:
-        return None
-    run = Path(str(ckpt_path)).expanduser().absolute().parent.parent
-    if Path(str(ckpt_path)).absolute().parent.name == "checkpoints" and any(
-        (run / marker).is_dir() for marker in (".hydra", "tb")
-    ):
-        return run
-    return None
+    """The bitflow run a checkpoint belongs to: :func:`run_dir_of` when it holds ``.hydra/`` or ``tb/`` (a resume
+    continues there), else None."""
+    run = run_dir_of(str(ckpt_path)) if ckpt_path else None
+    return run if run is not None and any((run / marker).is_dir() for marker in (".hydra", "tb")) else None
 
 
 def _run_dir(ckpt_path: Any, default: str) -> str:

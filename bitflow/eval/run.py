@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
-from bitflow.config import ConfigError
+from bitflow.config import ConfigError, run_dir_of
 from bitflow.eval.config import EVAL_CONFIG, check_eval_config, eval_config, eval_output_dir
 from bitflow.io import atomic_write_text
 
@@ -113,12 +113,6 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "epoch": int(ckpt.get("epoch", 0)),
         "tokens_seen": int(meta.get("tokens_seen", 0) or 0),
     }
-
-
-def run_dir_of(ckpt: str | Path) -> Path | None:
-    """The run directory of ``<run>/checkpoints/<name>.ckpt``, or None for a checkpoint elsewhere."""
-    ckpt = Path(ckpt).resolve()
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
 def tensorboard_scalars(metrics: dict[str, dict[str, float]], prefix: str = "eval") -> dict[str, float]:
