@@ -142,6 +142,9 @@ class PrecisionTransition(Callback):
         self._step_at_start = -1
         self._lambda_logged_step = -1
         self._switch_logged = False
+        # whether the model is converted: read off the model at setup and after a checkpoint restores it (not per
+        # step: that walks every module), then set by the switch
+        self._converted = False
         self._lr_wrap: Callable[[Callable[[int], float]], Callable[[int], float]] | None = None
         self._tracker: SpikeTracker | None = None
 
@@ -213,7 +216,8 @@ class PrecisionTransition(Callback):
             self._tracker = SpikeTracker(t0, self.spike_window, self.recovery_smoothing)
             _check_ddp(trainer, recipe)
         root = model_root(pl_module)
-        if recipe.converted(root):
+        self._converted = bool(recipe.converted(root))
+        if self._converted:
             return  # fitting again a module that already switched
         if t0 == 0:
             self._switch(trainer, pl_module, 0)
@@ -221,18 +225,20 @@ class PrecisionTransition(Callback):
             names = recipe.plan(root)
             log.info("precision transition at step %d: %d layers will be converted by %s", t0, len(names), recipe.name)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.recipe is not None:  # a resumed checkpoint may have converted the model after setup()
+            self._converted = bool(self.recipe.converted(model_root(pl_module)))
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         wrappers = getattr(pl_module, "lr_wrappers", None)
         if self._lr_wrap is not None and isinstance(wrappers, list) and self._lr_wrap in wrappers:
             wrappers.remove(self._lr_wrap)
 
     # ------------------------------------------------------------------------------------------ the switch
-    def _switched(self, pl_module: L.LightningModule) -> bool:
-        return self.recipe is not None and bool(self.recipe.converted(model_root(pl_module)))
-
     def _switch(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         recipe, root = self.recipe, model_root(pl_module)
         conversion = recipe.convert(root)
+        self._converted = True
         for optimizer in trainer.optimizers:  # none yet when t0 = 0 (the recipe builds it for the converted model)
             recipe.adopt_optimizer(optimizer, root, conversion, self.optimizer_state)
         self._lambda = None
@@ -260,7 +266,7 @@ class PrecisionTransition(Callback):
         self._step_at_start = step
         t0 = self.switch_step
         if t0 is not None and step >= t0:
-            if not self._switched(pl_module):
+            if not self._converted:
                 self._switch(trainer, pl_module, step)
             self._set_strength(pl_module, step)
         if step == t0 and not self._switch_logged:
@@ -290,7 +296,7 @@ class PrecisionTransition(Callback):
             self._tracker.end_step(step)
             if self._tracker.due(step) or log_step:
                 self._report(trainer, self._tracker.flush())
-        if self.switch_step is None or not self._switched(pl_module):
+        if self.switch_step is None or not self._converted:
             return
         # the model between steps is the model of trainer.global_step (validation and checkpoints see it)
         self._set_strength(pl_module, trainer.global_step)
