@@ -130,7 +130,8 @@ def check_resume_quant(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
             "quant.* overrides) of the original run"
         )
     states = [v for k, v in (ckpt.get("callbacks") or {}).items() if k.startswith("PrecisionTransition")]
-    if states and isinstance(states[0], dict) and "switch_step" in states[0]:
+    auto = OmegaConf.select(cfg, "transition.at") == "auto"  # the checkpoint holds the step the run chose
+    if states and isinstance(states[0], dict) and "switch_step" in states[0] and not auto:
         was_step, now_step = states[0]["switch_step"], planned_switch_step(cfg)
         if was_step != now_step:
             raise ConfigError(
@@ -237,6 +238,24 @@ def record_config(cfg: DictConfig) -> Path | None:
     return atomic_write_text(
         Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir) / "config.yaml", OmegaConf.to_yaml(cfg)
     )
+
+
+def record_choice(key: str, value: Any) -> Path | None:
+    """Write a value the run decided while training (e.g. ``transition.chosen_at`` of ``transition.at=auto``) into
+    its ``.hydra/config.yaml``, so that the run's record and ``bitflow-report`` show it. No-op outside Hydra's app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from bitflow.io import atomic_write_text
+
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None
+    hydra_cfg = HydraConfig.get()
+    path = Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir) / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.load(path)
+    OmegaConf.update(cfg, key, value, force_add=True)
+    return atomic_write_text(path, OmegaConf.to_yaml(cfg))
 
 
 def report_config_error(error: ConfigError) -> None:

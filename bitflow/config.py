@@ -329,17 +329,24 @@ def quant_and_transition(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
         fail("transition._target_", target, "bitflow.callbacks.PrecisionTransition")
     if recipe is None and trans.get("quant") is None:
         raise ValueError(NEEDS_QUANT)
+    if trans.get("at") == "auto" and not trans.get("gap_every"):
+        fail("transition.at", "auto", "auto only with transition.gap_every > 0 (the rule reads the gap)")
     return recipe, trans
 
 
 def planned_switch_step(cfg: DictConfig) -> int | None:
     """The step at which the run's ``quant`` applies: 0 without a transition, ``transition.at`` resolved with a
-    transition, None for a 16-bit run (or a transition that never switches)."""
+    transition, None for a 16-bit run (or a transition that never switches, or ``at: auto``, which the run decides;
+    its bounds ``min_at``/``max_at`` are checked here)."""
     from bitflow.schedules import resolve_switch_step
 
     recipe, trans = quant_and_transition(cfg)
     if trans is None:
         return 0 if recipe is not None else None
+    if trans.get("at") == "auto":
+        for key in ("min_at", "max_at"):
+            resolve_switch_step(trans.get(key), cfg.trainer.max_steps, key=f"transition.{key}")
+        return None
     return resolve_switch_step(trans.get("at", 0.5), cfg.trainer.max_steps, key="transition.at")
 
 

@@ -28,6 +28,7 @@ Between training steps the model is in the state of ``trainer.global_step``: its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,18 +39,26 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from bitflow.callbacks.gap import AutoSwitchRule, QuantGap, blocks_of, gap_quantizer
 from bitflow.callbacks.spike import SpikeTracker
-from bitflow.config import NEEDS_QUANT, check_int, quant_and_transition
+from bitflow.config import NEEDS_QUANT, check_int, fail, quant_and_transition
 from bitflow.models import model_root
-from bitflow.quant.recipe import OPTIMIZER_MODES, QuantRecipe, check_mode
+from bitflow.quant.recipe import OPTIMIZER_MODES, Conversion, QuantRecipe, check_mode
 from bitflow.quant.recipes import recipe_from_config
 from bitflow.schedules import PHASE_IN_SCHEDULES, phase_in, resolve_switch_step, rewarmup
 
-__all__ = ["OPTIMIZER_STATES", "PrecisionTransition", "build_transition", "log_scalars", "model_root"]
+__all__ = [
+    "OPTIMIZER_STATES", "PROGRESSIVE_ORDERS", "SCHEDULES", "PrecisionTransition", "build_transition", "log_scalars",
+    "model_root",
+]
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_STATES = OPTIMIZER_MODES
+SCHEDULES = ("all", "progressive")
+PROGRESSIVE_ORDERS = ("bottom_up", "top_down", "sensitivity")
+AUTO = "auto"
+_UNDECIDED = 1 << 62  # the spike tracker's t0 while at: auto has not decided
 
 
 def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -86,6 +95,27 @@ class PrecisionTransition(Callback):
             the pre-switch level (the mean of the K steps before t0); 0 = it never rose above it. Logged at the step
             where that happens; not logged if it does not happen within the run.
 
+        gap_every: measure the online quantization gap every this many steps of 16-bit training (0 = off; see
+            :mod:`bitflow.callbacks.gap`): ``quant/gap``, ``quant/gap_loss_16bit``, ``quant/gap_loss_quantized``.
+        gap_windows: how many validation windows (evenly spaced over the validation set) the gap is measured on.
+        gap_quant: the gap's quantizer: ``recipe`` (the run's), ``absmean``, ``absmedian``, ``int2`` .. ``int8``.
+        gap_layers_every: per-layer sensitivity ``quant/gap_layer/<name>`` every this many gap measurements (0 = off).
+        min_at, max_at: with ``at: auto``, the earliest and latest switch step (int step or fraction, as ``at``;
+            defaults 0.1 and 0.9 of the run).
+        auto_rule, auto_smoothing, auto_patience, auto_min_delta, auto_threshold: the ``at: auto`` rule
+            (:class:`~bitflow.callbacks.gap.AutoSwitchRule`).
+        schedule: ``all`` (every layer switches at t0) or ``progressive``: transformer blocks switch in turn, the
+            first at t0 and the last ``progressive_steps`` later (evenly spaced), each with its own phase-in
+            (``quant/lambda/<block>``; ``quant/layers_switched`` = the fraction of layers with lambda > 0). Needs a
+            recipe with a strength: all layers are converted at t0, the waiting blocks at lambda 0 (exactly 16-bit).
+        progressive_order: ``bottom_up``, ``top_down`` or ``sensitivity`` (least fragile block first: the summed
+            per-layer gap, measured at t0).
+        progressive_steps: the window of the progressive schedule in steps (> 0 with ``schedule: progressive``).
+
+    ``at: auto`` (needs ``gap_every``): the switch happens at the first gap measurement at or after ``min_at`` where
+    the rule fires (or at ``max_at``); the step is logged as ``quant/switch_step`` and written into the run's
+    ``.hydra/config.yaml`` as ``transition.chosen_at``. The rule's measurements are in the checkpoint.
+
     Both spike metrics use rank 0's training loss (as ``train/loss`` is logged); they need t0 > 0. At the logging
     steps the recipe's own metrics (e.g. DQT's ``quant/flip_rate``, ``dqt/level_share/*``) are logged too.
     Bad values raise ``ValueError`` naming ``transition.<key>`` here or, for checks that need ``max_steps`` or the
@@ -102,8 +132,45 @@ class PrecisionTransition(Callback):
         quant: Mapping[str, Any] | None = None,
         spike_window: int = 20,
         recovery_smoothing: float = 0.9,
+        gap_every: int = 0,
+        gap_windows: int = 8,
+        gap_quant: str = "recipe",
+        gap_layers_every: int = 10,
+        min_at: int | float | None = None,
+        max_at: int | float | None = None,
+        auto_rule: str = "plateau",
+        auto_smoothing: int = 3,
+        auto_patience: int = 3,
+        auto_min_delta: float = 0.0,
+        auto_threshold: float = 0.1,
+        schedule: str = "all",
+        progressive_order: str = "bottom_up",
+        progressive_steps: int = 0,
     ) -> None:
-        resolve_switch_step(at, None)  # type and range; the step itself needs max_steps
+        check_int("transition.gap_every", gap_every, 0)
+        check_int("transition.gap_windows", gap_windows, 1)
+        check_int("transition.gap_layers_every", gap_layers_every, 0)
+        self.auto = at == AUTO
+        if self.auto and gap_every == 0:
+            fail("transition.at", at, "auto only with transition.gap_every > 0 (the rule reads the gap)")
+        if not self.auto:
+            resolve_switch_step(at, None)  # type and range; the step itself needs max_steps
+        for key, value in (("transition.min_at", min_at), ("transition.max_at", max_at)):
+            resolve_switch_step(value, None, key=key)
+        if schedule not in SCHEDULES:
+            fail("transition.schedule", schedule, ", ".join(SCHEDULES))
+        if progressive_order not in PROGRESSIVE_ORDERS:
+            fail("transition.progressive_order", progressive_order, ", ".join(PROGRESSIVE_ORDERS))
+        check_int("transition.progressive_steps", progressive_steps, 0)
+        if schedule == "progressive" and progressive_steps == 0:
+            fail("transition.progressive_steps", 0, "an integer > 0 with transition.schedule=progressive")
+        self.gap_every, self.gap_windows, self.gap_layers_every = gap_every, gap_windows, gap_layers_every
+        self.gap_quant = gap_quant
+        if gap_quant != "recipe":
+            gap_quantizer(gap_quant, None)  # the option, checked now (recipe: in check, which knows the recipe)
+        self.min_at, self.max_at = min_at, max_at
+        self.rule = AutoSwitchRule(auto_rule, auto_smoothing, auto_patience, auto_min_delta, auto_threshold)
+        self.schedule, self.progressive_order, self.progressive_steps = schedule, progressive_order, progressive_steps
         check_mode(optimizer_state)
         if phase_in not in PHASE_IN_SCHEDULES:
             raise ValueError(
@@ -147,6 +214,12 @@ class PrecisionTransition(Callback):
         self._converted = False
         self._lr_wrap: Callable[[Callable[[int], float]], Callable[[int], float]] | None = None
         self._tracker: SpikeTracker | None = None
+        self._gap: QuantGap | None = None  # built at train start (needs the model on its device and the data)
+        self._gap_count = 0  # gap measurements so far (the per-layer ones are every gap_layers_every-th)
+        self._auto_bounds: tuple[int, int] | None = None  # (min_at, max_at) as steps, with at: auto
+        self._blocks: list[list[str]] = []  # progressive: the layer names of each block, in switching order
+        self._block_lambda: tuple[float, ...] | None = None
+        self._restored_choice = False  # at: auto resumed after its choice: set the switch up at train start
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_phase_in(self, recipe: QuantRecipe) -> None:
@@ -157,16 +230,45 @@ class PrecisionTransition(Callback):
             )
 
     def check(self, recipe: QuantRecipe | None, max_steps: int | None) -> int | None:
-        """Check this transition against the recipe it drives and the run length; returns the switch step t0."""
+        """Check this transition against the recipe it drives and the run length; returns the switch step t0
+        (None with ``at: auto``: the run decides it)."""
         if recipe is None:
             raise ValueError(NEEDS_QUANT)
         self._check_phase_in(recipe)
-        return resolve_switch_step(self.at, max_steps)
+        if self.schedule == "progressive" and not recipe.supports_phase_in:
+            fail("transition.schedule", self.schedule, f"all with quant.recipe={recipe.name} (it has no strength)")
+        if self.gap_every or self.progressive_order == "sensitivity":
+            gap_quantizer(self.gap_quant, recipe)
+        if not self.auto:
+            return resolve_switch_step(self.at, max_steps)
+        lo = resolve_switch_step(0.1 if self.min_at is None else self.min_at, max_steps, key="transition.min_at")
+        hi = resolve_switch_step(0.9 if self.max_at is None else self.max_at, max_steps, key="transition.max_at")
+        if lo is not None and hi is not None:
+            if hi < lo:
+                fail("transition.max_at", self.max_at, f"a step >= transition.min_at (step {lo})")
+            self._auto_bounds = (lo, hi)
+        return None
+
+    def block_starts(self) -> list[int]:
+        """Progressive: the switch step of each block, in switching order (the first at t0)."""
+        n, t0 = len(self._blocks), self.switch_step
+        if n <= 1:
+            return [t0] * n
+        return [t0 + round(k * self.progressive_steps / (n - 1)) for k in range(n)]
+
+    def block_strengths(self, step: int) -> tuple[float, ...]:
+        """Progressive: lambda of each block at ``step``."""
+        return tuple(phase_in(self.phase_in, step, t, self.phase_in_steps) for t in self.block_starts())
 
     def strength(self, step: int) -> float:
-        """lambda at ``step``: 0 before the switch (and when it never happens), then the phase-in schedule."""
+        """lambda at ``step``: 0 before the switch (and when it never happens), then the phase-in schedule
+        (progressive: the mean over the converted layers)."""
         if self.switch_step is None:
             return 0.0
+        if self.schedule == "progressive" and self._blocks:
+            sizes = [len(b) for b in self._blocks]
+            lams = self.block_strengths(step)
+            return sum(n * lam for n, lam in zip(sizes, lams, strict=True)) / sum(sizes)
         return phase_in(self.phase_in, step, self.switch_step, self.phase_in_steps)
 
     def _find_recipe(self, pl_module: L.LightningModule) -> QuantRecipe:
@@ -194,10 +296,33 @@ class PrecisionTransition(Callback):
             return
         self.recipe = recipe = self._find_recipe(pl_module)
         self.switch_step = t0 = self.check(recipe, trainer.max_steps)
-        self._lambda, self._switch_logged = None, False
+        self._lambda, self._switch_logged, self._block_lambda = None, False, None
+        if self.auto:
+            if self._auto_bounds is None:
+                fail("transition.at", self.at, "auto only with trainer.max_steps > 0 (min_at/max_at need the run length)")
+            self._tracker = SpikeTracker(_UNDECIDED, self.spike_window, self.recovery_smoothing)
+            self._tracker.first = 0  # keep the losses before the (not yet known) switch
+            self._converted = bool(recipe.converted(model_root(pl_module)))
+            log.info("precision transition at: auto, between steps %d and %d (%s rule on the gap)",
+                     *self._auto_bounds, self.rule.rule)
+            return
         if t0 is None:
             log.info("precision transition: at=None, the run stays 16-bit")
             return
+        self._prepare_switch(trainer, pl_module, t0)
+        root = model_root(pl_module)
+        self._converted = bool(recipe.converted(root))
+        if self._converted:
+            return  # fitting again a module that already switched
+        if t0 == 0:
+            self._switch(trainer, pl_module, 0)
+        else:
+            names = recipe.plan(root)
+            log.info("precision transition at step %d: %d layers will be converted by %s", t0, len(names), recipe.name)
+
+    def _prepare_switch(self, trainer: L.Trainer, pl_module: L.LightningModule, t0: int) -> None:
+        """What the switch step t0 sets up: the phase-in warning, the LR re-warmup, the spike tracker."""
+        recipe = self.recipe
         if self.phase_in != "none" and trainer.max_steps > 0 and t0 + self.phase_in_steps > trainer.max_steps:
             log.warning(
                 "phase-in %s from step %d over %d steps ends after max_steps=%d: lambda stays below 1",
@@ -213,21 +338,38 @@ class PrecisionTransition(Callback):
             if self._lr_wrap not in pl_module.lr_wrappers:
                 pl_module.lr_wrappers.append(self._lr_wrap)
         if t0 > 0:
-            self._tracker = SpikeTracker(t0, self.spike_window, self.recovery_smoothing)
+            if self._tracker is not None and self._tracker.t0 == _UNDECIDED:  # at: auto, decided now
+                self._tracker.t0 = t0
+            else:
+                self._tracker = SpikeTracker(t0, self.spike_window, self.recovery_smoothing)
             _check_ddp(trainer, recipe)
-        root = model_root(pl_module)
-        self._converted = bool(recipe.converted(root))
-        if self._converted:
-            return  # fitting again a module that already switched
-        if t0 == 0:
-            self._switch(trainer, pl_module, 0)
-        else:
-            names = recipe.plan(root)
-            log.info("precision transition at step %d: %d layers will be converted by %s", t0, len(names), recipe.name)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.recipe is not None:  # a resumed checkpoint may have converted the model after setup()
-            self._converted = bool(self.recipe.converted(model_root(pl_module)))
+        if self.recipe is None:
+            return
+        root = model_root(pl_module)
+        self._converted = bool(self.recipe.converted(root))  # a resumed checkpoint may have converted the model
+        if self._restored_choice:
+            self._restored_choice = False
+            self._prepare_switch(trainer, pl_module, self.switch_step)
+        if (self.gap_every or self.progressive_order == "sensitivity") and self._gap is None:
+            layers = [n for n in self.recipe.plan(root)] if not self._converted else []
+            if layers:
+                self._gap = QuantGap(gap_quantizer(self.gap_quant, self.recipe), layers, self._windows(trainer, pl_module))
+
+    def _windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """``gap_windows`` validation windows, evenly spaced over the validation set, stacked on the model's device."""
+        dm = getattr(trainer, "datamodule", None)
+        dataset = getattr(dm, "val_dataset", None)
+        if dataset is None:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+            dataset = getattr(loader, "dataset", None)
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("transition.gap_every needs validation windows (a datamodule with a val_dataset)")
+        n = min(self.gap_windows, len(dataset))
+        idx = sorted({round(i * (len(dataset) - 1) / max(1, n - 1)) for i in range(n)})
+        return torch.stack([torch.as_tensor(dataset[i]) for i in idx]).to(pl_module.device)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         wrappers = getattr(pl_module, "lr_wrappers", None)
@@ -237,26 +379,61 @@ class PrecisionTransition(Callback):
     # ------------------------------------------------------------------------------------------ the switch
     def _switch(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         recipe, root = self.recipe, model_root(pl_module)
+        if self.schedule == "progressive" and not self._blocks:
+            self._blocks = self._block_order(pl_module, recipe.plan(root))
         conversion = recipe.convert(root)
         self._converted = True
+        if self.schedule == "progressive":  # the waiting blocks are handed over when their turn comes
+            conversion = Conversion(list(self._blocks[0]))
         for optimizer in trainer.optimizers:  # none yet when t0 = 0 (the recipe builds it for the converted model)
             recipe.adopt_optimizer(optimizer, root, conversion, self.optimizer_state)
-        self._lambda = None
+        self._lambda, self._block_lambda = None, None
         self._set_strength(pl_module, step)
         if step != self.switch_step:
             log.warning("precision transition planned at step %s happens at step %d", self.switch_step, step)
         log.info(
-            "precision transition at step %d: %d layers converted by %s (optimizer state %s, phase-in %s)",
-            step, len(conversion.names), recipe.name, self.optimizer_state, self.phase_in,
+            "precision transition at step %d: %d layers converted by %s (optimizer state %s, phase-in %s%s)",
+            step, len(recipe.converted(root)), recipe.name, self.optimizer_state, self.phase_in,
+            f", {len(self._blocks)} blocks over {self.progressive_steps} steps" if self._blocks else "",
         )
+
+    def _block_order(self, pl_module: L.LightningModule, layers: list[str]) -> list[list[str]]:
+        """Progressive: the blocks' layer names in switching order (sensitivity: measured now, least fragile first)."""
+        blocks = list(blocks_of(layers).values())
+        if self.progressive_order == "top_down":
+            return blocks[::-1]
+        if self.progressive_order == "sensitivity":
+            if self._gap is None:
+                log.warning("progressive_order=sensitivity: no validation windows to measure on; bottom_up instead")
+                return blocks
+            with self._forward_context(pl_module):
+                gaps = self._gap.measure(model_root(pl_module), per_layer=True)
+            score = {tuple(b): sum(gaps[f"quant/gap_layer/{n}"] for n in b) for b in blocks}
+            blocks = sorted(blocks, key=lambda b: score[tuple(b)])  # stable: ties keep the model order
+            log.info("progressive order by sensitivity: %s", ", ".join(f"{b[0]} ({score[tuple(b)]:+.4f})" for b in blocks))
+        return blocks
 
     def _set_strength(self, pl_module: L.LightningModule, step: int) -> None:
         if not self.recipe.supports_phase_in:
             return
+        root = model_root(pl_module)
+        if self.schedule == "progressive" and self._blocks:
+            lams = self.block_strengths(step)
+            old = self._block_lambda or (None,) * len(lams)
+            for block, lam, was in zip(self._blocks, lams, old, strict=True):
+                if lam != was:
+                    for name in block:
+                        self.recipe.set_strength(root.get_submodule(name), lam)
+            self._block_lambda = lams
+            return
         lam = self.strength(step)
         if lam != self._lambda:
-            self.recipe.set_strength(model_root(pl_module), lam)  # in place: a compiled model is not recompiled
+            self.recipe.set_strength(root, lam)  # in place: a compiled model is not recompiled
             self._lambda = lam
+
+    def _forward_context(self, pl_module: L.LightningModule) -> Any:
+        trainer = pl_module._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------ per batch
     def on_train_batch_start(
@@ -264,10 +441,18 @@ class PrecisionTransition(Callback):
     ) -> None:
         step = trainer.global_step
         self._step_at_start = step
+        if self.auto and self.switch_step is None and step >= self._auto_bounds[1]:
+            self._decide(trainer, pl_module, step, "max_at")  # max_at <= 1: no batch end came before it
         t0 = self.switch_step
         if t0 is not None and step >= t0:
             if not self._converted:
                 self._switch(trainer, pl_module, step)
+            elif self._blocks and step in self.block_starts()[1:]:
+                for k in [k for k, t in enumerate(self.block_starts()) if t == step and k > 0]:
+                    for optimizer in trainer.optimizers:  # this block's turn: keep or reset its AdamW state
+                        self.recipe.adopt_optimizer(
+                            optimizer, model_root(pl_module), Conversion(list(self._blocks[k])), self.optimizer_state
+                        )
             self._set_strength(pl_module, step)
         if step == t0 and not self._switch_logged:
             log_scalars(trainer, {"quant/switch_step": float(t0)}, t0)
@@ -277,7 +462,14 @@ class PrecisionTransition(Callback):
         if self.recipe.supports_phase_in and step != self._lambda_logged_step and (
             (n > 0 and (step + 1) % n == 0) or step == t0
         ):
-            log_scalars(trainer, {"quant/lambda": self.strength(step)}, step)
+            metrics = {"quant/lambda": self.strength(step)}
+            if self._blocks:
+                lams = self.block_strengths(step)
+                switched = sum(len(b) for b, lam in zip(self._blocks, lams, strict=True) if lam > 0)
+                metrics["quant/layers_switched"] = switched / sum(len(b) for b in self._blocks)
+                metrics.update({f"quant/lambda/{b[0].rsplit('.', 2)[0] if len(b) > 1 else b[0]}": lam
+                                for b, lam in zip(self._blocks, lams, strict=True)})
+            log_scalars(trainer, metrics, step)
             self._lambda_logged_step = step
 
     def on_train_batch_end(
@@ -296,12 +488,37 @@ class PrecisionTransition(Callback):
             self._tracker.end_step(step)
             if self._tracker.due(step) or log_step:
                 self._report(trainer, self._tracker.flush())
+        self._between_steps(trainer, pl_module)
         if self.switch_step is None or not self._converted:
             return
         # the model between steps is the model of trainer.global_step (validation and checkpoints see it)
         self._set_strength(pl_module, trainer.global_step)
         if log_step and trainer.is_global_zero:
             self._log_recipe_metrics(trainer, pl_module, step)
+
+    def _between_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After an optimizer step, the model of ``trainer.global_step``: the gap, and the ``at: auto`` decision."""
+        g = trainer.global_step
+        if self._gap is not None and self.gap_every and not self._converted and g % self.gap_every == 0:
+            self._gap_count += 1
+            per_layer = self.gap_layers_every > 0 and self._gap_count % self.gap_layers_every == 0
+            with self._forward_context(pl_module):
+                metrics = self._gap.measure(model_root(pl_module), per_layer=per_layer)
+            log_scalars(trainer, metrics, g)
+            if self.auto and self.switch_step is None and self.rule.add(g, metrics["quant/gap"], self._auto_bounds[0]):
+                self._decide(trainer, pl_module, g + 1, f"{self.rule.rule} rule")
+        if self.auto and self.switch_step is None and g + 1 >= self._auto_bounds[1]:
+            self._decide(trainer, pl_module, self._auto_bounds[1], "max_at")
+
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, why: str) -> None:
+        """``at: auto`` chooses ``step`` (the next batch's, so its LR re-warmup applies from its first step)."""
+        self.switch_step = step
+        self._prepare_switch(trainer, pl_module, step)
+        log.info("precision transition at: auto chose step %d (%s)", step, why)
+        if trainer.is_global_zero:
+            from bitflow.cli import record_choice
+
+            record_choice("transition.chosen_at", step)
 
     def _log_recipe_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         metrics = self.recipe.metrics(model_root(pl_module), trainer.optimizers[0] if trainer.optimizers else None)
@@ -322,11 +539,24 @@ class PrecisionTransition(Callback):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"switch_step": self.switch_step, "tracker": self._tracker.state_dict() if self._tracker else None}
+        return {
+            "switch_step": self.switch_step,
+            "tracker": self._tracker.state_dict() if self._tracker else None,
+            "auto": {"history": list(self.rule.history)} if self.auto else None,
+            "gap_count": self._gap_count,
+            "blocks": [list(b) for b in self._blocks],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("switch_step")
-        if saved != self.switch_step:
+        self._gap_count = int(state_dict.get("gap_count") or 0)
+        self._blocks = [list(b) for b in state_dict.get("blocks") or []]
+        if self.auto:
+            self.rule.history = [(int(s), float(g)) for s, g in (state_dict.get("auto") or {}).get("history", [])]
+            if saved is not None and self.switch_step is None:
+                self.switch_step = saved  # the LR re-warmup and the tracker follow at train start
+                self._restored_choice = True
+        elif saved != self.switch_step:
             raise ValueError(
                 f"the checkpoint's transition step {saved} differs from this run's ({self.switch_step}); "
                 "resume with the same transition.at and trainer.max_steps"

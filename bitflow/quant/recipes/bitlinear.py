@@ -8,7 +8,8 @@ keeps training them (``keep``) or starts their AdamW state afresh (``reset``). T
     {"kind": "bitlinear",
      "layers": ["layers.0.attn.wq", ...],              # qualified names of the converted nn.Linear layers
      "options": {"weight_scale": "absmean", ...},      # BitLinear's keyword options
-     "strength": {"weight": 1.0, "act": 1.0}}          # lambda of weights and activations
+     "strength": {"weight": 1.0, "act": 1.0}}          # lambda of weights and activations (or, after a
+                                                        # progressive switch, {"layers": {name: {...}}})
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from bitflow.quant.bitlinear import BitLinear, BitLinearOptions, _validate_options, get_strength, set_strength
+from bitflow.quant.bitlinear import BitLinear, BitLinearOptions, _validate_options, set_strength
 from bitflow.quant.convert import bitlinear_targets, to_bitlinear
 from bitflow.quant.recipe import Conversion, QuantOptions, QuantRecipe, check_state, named_layers
 from bitflow.quant.select import first_names
@@ -79,13 +80,13 @@ class BitLinearRecipe(QuantRecipe):
                 f"the BitLinear layers of {type(model).__name__} have different options ({differ[:4]} differ from "
                 f"{found[0][0]}); a bitlinear quant state holds one set of options"
             )
-        strength = get_strength(model)  # raises if the layers disagree
-        return {
-            "kind": self.name,
-            "layers": [name for name, _ in found],
-            "options": dict(options),
-            "strength": {"weight": float(strength["weight"]), "act": float(strength["act"])},
-        }
+        per_layer = {name: (float(m.weight_strength), float(m.act_strength)) for name, m in found}
+        if len(set(per_layer.values())) == 1:
+            w, a = next(iter(per_layer.values()))
+            strength: dict[str, Any] = {"weight": w, "act": a}
+        else:  # a progressive switch: the blocks are at different strengths
+            strength = {"layers": {name: {"weight": w, "act": a} for name, (w, a) in per_layer.items()}}
+        return {"kind": self.name, "layers": [name for name, _ in found], "options": dict(options), "strength": strength}
 
     def restore(self, model: nn.Module, state: Mapping[str, Any]) -> list[str]:
         check_state(state, self.name, ("layers", "options", "strength"))
@@ -106,6 +107,10 @@ class BitLinearRecipe(QuantRecipe):
             extra = sorted(set(done) - set(todo))
             if extra:
                 raise ValueError(f"restoring the quant state converted layers it was not asked to: {extra}")
-        set_strength(model, weight=strength.get("weight"), act=strength.get("act"))
+        if "layers" in strength:  # per layer (a progressive switch)
+            for name, value in dict(strength["layers"]).items():
+                set_strength(model.get_submodule(name), weight=value.get("weight"), act=value.get("act"))
+        else:
+            set_strength(model, weight=strength.get("weight"), act=strength.get("act"))
         return layers
 
