@@ -219,6 +219,7 @@ class PrecisionTransition(Callback):
         self._auto_bounds: tuple[int, int] | None = None  # (min_at, max_at) as steps, with at: auto
         self._blocks: list[list[str]] = []  # progressive: the layer names of each block, in switching order
         self._block_lambda: tuple[float, ...] | None = None
+        self.results: dict[str, float] = {}  # the last value of each spike/recovery/gap metric (for dashboards)
         self._restored_choice = False  # at: auto resumed after its choice: set the switch up at train start
 
     # ------------------------------------------------------------------------------------------ checks
@@ -505,6 +506,7 @@ class PrecisionTransition(Callback):
             with self._forward_context(pl_module):
                 metrics = self._gap.measure(model_root(pl_module), per_layer=per_layer)
             log_scalars(trainer, metrics, g)
+            self.results["quant/gap"] = metrics["quant/gap"]
             if self.auto and self.switch_step is None and self.rule.add(g, metrics["quant/gap"], self._auto_bounds[0]):
                 self._decide(trainer, pl_module, g + 1, f"{self.rule.rule} rule")
         if self.auto and self.switch_step is None and g + 1 >= self._auto_bounds[1]:
@@ -535,6 +537,7 @@ class PrecisionTransition(Callback):
     def _report(self, trainer: L.Trainer, events: list[tuple[str, float, int]]) -> None:
         for name, value, step in events:
             log.info("%s = %g (step %d)", name, value, step)
+            self.results[name] = value
             log_scalars(trainer, {name: value}, step)
 
     # ------------------------------------------------------------------------------------------ checkpoints
