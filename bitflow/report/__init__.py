@@ -17,7 +17,13 @@ reads:
   by :func:`bitflow.schedules.resolve_switch_step`; else the first step where ``quant/lambda`` is > 0. The
   method comes from the config (``quant.kind`` and its bits, or the legacy ``dqt`` node);
 - ``val/loss``: final and best, and their perplexities exp(loss);
-- ``transition/spike`` and ``transition/recovery_steps``;
+- ``transition/spike`` and ``transition/recovery_steps``; and, when the runs include a 16-bit run, the recovery
+  against it (``recovery_vs_16bit``: steps after the switch until the smoothed training loss is back within
+  ``--recovery-tol`` of the 16-bit run's at the same step for good, or ``never``) and the area between the two curves
+  (``area_vs_16bit``), see :mod:`bitflow.report.seeds`;
+- seeds: runs that differ only in ``seed`` are grouped; ``report.md`` adds a table of their means and standard
+  deviations (``report_seeds.csv``), marking the groups within the seed spread of the best, and the val-loss plot
+  draws a group as its mean with a band of one standard deviation;
 - ``train/tokens_per_sec`` (median) and the wall time from the first to the last event;
 - downstream accuracies from ``eval_results.json`` (``bitflow-eval``) or the ``eval/<task>/<metric>`` scalars.
 
@@ -40,6 +46,7 @@ from typing import Any
 from bitflow.io import atomic_write_bytes, atomic_write_text
 from bitflow.report.plots import plot_spike, plot_switch_point, plot_val_loss, spike_cells, switch_points
 from bitflow.report.runs import Quantization, Run, find_runs, read_run
+from bitflow.report.seeds import DEFAULT_TOL, area_between, baseline_of, recovery_vs, seed_groups, seed_table
 from bitflow.report.table import differing_overrides, differing_settings, render_csv, render_markdown, run_row
 
 __all__ = [
@@ -74,11 +81,13 @@ def report_notes(runs: list[Run]) -> list[str]:
     return notes
 
 
-def make_report(paths: list[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+def make_report(
+    paths: list[str | Path], out: str | Path | None = None, recovery_tol: float = DEFAULT_TOL
+) -> dict[str, Any]:
     """Read the runs under ``paths`` (any mix of relative and absolute paths) and write report.md, report.csv
     and the plots into ``out`` (default: the directory given, when there is one; else ./report). Everything is
     read and rendered first, then each file is written atomically. Returns ``{"rows", "markdown", "csv",
-    "plots"}``."""
+    "plots"}``. ``recovery_tol``: the tolerance (nats) of the recovery against the 16-bit run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,18 +100,30 @@ def make_report(paths: list[str | Path], out: str | Path | None = None) -> dict[
     _display_names(runs)
     keys = differing_settings(runs)
     rows = [run_row(r, keys) for r in runs]
+    for run, row in zip(runs, rows, strict=True):  # recovery against the 16-bit run of the same sweep
+        base = baseline_of(run, runs)
+        if base is not None and run.switch_step:
+            steps = recovery_vs(run, base, recovery_tol)
+            row["recovery_vs_16bit"] = "never" if steps is None else steps
+            row["area_vs_16bit"] = area_between(run, base)
+    groups = seed_groups(runs, rows, differing_overrides(runs))  # same command line but the seed
+    seeds_md, seed_rows = seed_table(groups)
     # legends name the swept overrides; a single run's legend is its name, not all its overrides
     swept = differing_overrides(runs) if len(runs) > 1 else []
     rendered = {
-        "val_loss.png": plot_val_loss(runs, swept),
+        "val_loss.png": plot_val_loss(runs, swept, groups),
         "final_loss_vs_switch.png": plot_switch_point(runs, swept),
         "spike_by_phase_in.png": plot_spike(runs),
     }
     images = {name: data for name, data in rendered.items() if data is not None}
     markdown = render_markdown(runs, rows, keys, list(images), report_notes(runs))
     table = render_csv(rows)
+    if seeds_md:
+        markdown += "\n" + seeds_md
     # every input is read and every output rendered: only now touch the output directory
     plots = [atomic_write_bytes(out / name, data) for name, data in images.items()]
+    if seed_rows:
+        atomic_write_text(out / "report_seeds.csv", render_csv(seed_rows))
     csv_path = atomic_write_text(out / "report.csv", table)
     md_path = atomic_write_text(out / "report.md", markdown)
     return {"rows": rows, "markdown": md_path, "csv": csv_path, "plots": plots}
@@ -119,6 +140,7 @@ writes into --out:
                             metrics (final/best val loss and ppl, switch step, transition spike and
                             recovery, tokens/s, wall time, main downstream accuracies); "–" = not logged
   report.csv                every column, every run (a missing value is an empty cell)
+  report_seeds.csv          runs that differ only in seed: mean and std per group (when a group has 2+ seeds)
   val_loss.png              validation loss per run, each switch dashed
   final_loss_vs_switch.png  final val loss against the switch point, with 16-bit and from-scratch baselines
   spike_by_phase_in.png     loss spike at the switch by phase-in schedule and optimizer state
@@ -144,9 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="output directory (default: DIR when one is given, else ./report)",
     )
+    parser.add_argument(
+        "--recovery-tol",
+        type=float,
+        default=DEFAULT_TOL,
+        metavar="NATS",
+        help=f"recovery against the 16-bit run: within this many nats of its smoothed loss (default {DEFAULT_TOL})",
+    )
     args = parser.parse_args(argv)
     try:
-        result = make_report(args.dirs, args.out)
+        result = make_report(args.dirs, args.out, args.recovery_tol)
     except (OSError, ValueError) as err:
         print(f"bitflow-report: error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import io
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 from bitflow.report.runs import Run
 
@@ -32,10 +33,11 @@ def _png(fig, note: str = "") -> bytes:
     return buf.getvalue()
 
 
-def plot_val_loss(runs: list[Run], keys: list[str]) -> bytes | None:
+def plot_val_loss(runs: list[Run], keys: list[str], groups: list[Any] | None = None) -> bytes | None:
     """Validation loss against step, one line per run, named by its swept settings and, when the runs differ
     in it, its quantization; a dashed vertical line (same colour) at each switch. Runs without ``val/loss``
-    are named in a note under the plot."""
+    are named in a note under the plot. With seed ``groups`` (:func:`bitflow.report.seeds.seed_groups`) of which
+    one has several runs, one line per group: the mean over its seeds with a band of +- one standard deviation."""
     import matplotlib.pyplot as plt
 
     drawn = [r for r in runs if r.series("val/loss")]
@@ -43,6 +45,30 @@ def plot_val_loss(runs: list[Run], keys: list[str]) -> bytes | None:
         return None
     mixed = len({r.quantization.label for r in drawn}) > 1
     fig, ax = plt.subplots(figsize=(8, 5))
+    if groups and any(len(g.runs) > 1 for g in groups):
+        swept = [k for k in keys if k != "seed"]
+        for i, g in enumerate(groups):
+            members = [r for r in g.runs if r.series("val/loss")]
+            if not members:
+                continue
+            color = f"C{i % 10}"
+            curves = [dict(r.series("val/loss")) for r in members]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [statistics.mean(c[s] for c in curves) for s in steps]
+            std = [statistics.stdev(c[s] for c in curves) if len(curves) > 1 else 0.0 for s in steps]
+            label = _label(members[0], swept) + (f" ({g.settings.get('quantization')})" if mixed else "")
+            ax.plot(steps, mean, marker="o", markersize=3, color=color, label=f"{label}, {len(members)} seed(s)")
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std, strict=True)],
+                            [m + d for m, d in zip(mean, std, strict=True)], color=color, alpha=0.2)
+            for run in members:
+                if run.switch_step:
+                    ax.axvline(run.switch_step, color=color, linestyle="--", alpha=0.5, linewidth=1)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title("Validation loss, mean ± std over seeds (dashed: switches)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        return _png(fig)
     for i, run in enumerate(drawn):
         steps, values = zip(*run.series("val/loss"), strict=True)
         color = f"C{i % 10}"
@@ -110,8 +136,14 @@ def plot_switch_point(runs: list[Run], keys: list[str]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, (name, pts) in enumerate(data.series.items()):
-        xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=name)
+        by_x: dict[float, list[float]] = {}
+        for x, y in pts:
+            by_x.setdefault(x, []).append(y)
+        xs = sorted(by_x)
+        ys = [statistics.mean(by_x[x]) for x in xs]
+        err = [statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
+        # seeds of one switch point: their mean with an error bar of one standard deviation
+        ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", color=f"C{i % 10}", label=name, capsize=3)
     if data.fp16 is not None:
         ax.axhline(data.fp16, color="black", linestyle="--", label="16-bit baseline")
     for j, (label, loss) in enumerate(data.scratch.items()):
@@ -169,7 +201,10 @@ def plot_spike(runs: list[Run]) -> bytes | None:
             xs = [i + (j - (len(states) - 1) / 2) * width for i in range(len(phases))]
             means = [statistics.mean(cells.get((t0, p, state), [math.nan])) for p in phases]
             label = f"optimizer state: {state}" if t0 == switches[0] else None
-            ax.bar(xs, means, width=width, color=f"C{j}", alpha=0.8, label=label)
+            stds = [statistics.stdev(cells[(t0, p, state)]) if len(cells.get((t0, p, state), [])) > 1 else 0.0
+                    for p in phases]
+            ax.bar(xs, means, width=width, color=f"C{j}", alpha=0.8, label=label,
+                   yerr=stds if any(stds) else None, capsize=3)
             for x, p in zip(xs, phases, strict=True):
                 for v in cells.get((t0, p, state), []):
                     ax.plot(x, v, "k.", markersize=4)

@@ -29,6 +29,8 @@ KEY_METRICS = (
     "best_val_loss",
     "transition/spike",
     "transition/recovery_steps",
+    "recovery_vs_16bit",
+    "area_vs_16bit",
     "tokens_per_sec",
     "wall_time_s",
 )
