@@ -4,8 +4,8 @@
   lambda per block, the switch step, the quantization gap and per-layer sensitivity), quantization health (zero
   fraction, flip rate, weight scale, DQT level shares) and throughput. Chart entries are the tag regexes TensorBoard
   matches against the run's scalars (:data:`LAYOUT`).
-* HParams (written when the fit ends): the run's swept overrides (Hydra's ``hydra.overrides.task``, e.g.
-  ``transition.at=0.2``) as hyperparameters, and as metrics the final validation loss, the switch step, the spike,
+* HParams (written when the fit ends): the run's command-line overrides (Hydra's ``hydra.overrides.task``, e.g.
+  ``transition.at=0.2``; those a multirun sweeps first, so that the HParams tab shows them) as hyperparameters, and as metrics the final validation loss, the switch step, the spike,
   the in-run recovery and the last gap before the switch (``hparams/<name>`` scalars at the last step), so that after
   ``bitflow +experiment=transition_sweep -m`` the HParams tab compares the runs with no extra step.
 """
@@ -13,13 +13,17 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["HPARAM_METRICS", "LAYOUT", "TensorBoardDashboards", "hparam_value", "swept_overrides"]
+__all__ = [
+    "HPARAM_METRICS", "LAYOUT", "TensorBoardDashboards", "hparam_value", "swept_keys", "swept_overrides",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,31 @@ def swept_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def swept_keys(multirun_yaml: str | Path | None = None) -> list[str]:
+    """The keys a Hydra multirun sweeps (a ``,``-list or a sweep function on its command line, or the sweeper's
+    ``params`` of an experiment), read from the sweep's ``multirun.yaml`` (default: this job's sweep); ``[]``
+    outside a multirun."""
+    from omegaconf import OmegaConf
+
+    if multirun_yaml is None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return []
+        multirun_yaml = Path(HydraConfig.get().sweep.dir) / "multirun.yaml"
+    path = Path(multirun_yaml)
+    if not path.is_file():
+        return []
+    cfg = OmegaConf.load(path)
+    keys = [str(k) for k in (OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {})]
+    for item in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []:
+        key, _, value = str(item).partition("=")
+        if re.search(r",|^(range|choice|glob|interval)\(", value) and not value.startswith(("[", "{")):
+            keys.append(key)
+    return [k.lstrip("+~") for k in dict.fromkeys(keys)]
 
 
 def hparam_value(text: str) -> bool | int | float | str:
@@ -106,7 +135,9 @@ class TensorBoardDashboards(Callback):
             key = key.lstrip("+~")
             if key and not key.startswith(IGNORED_PREFIXES):
                 out[key] = hparam_value(value)
-        return out
+        # the swept keys first: TensorBoard's HParams tab shows the first few columns by default
+        first = [k for k in swept_keys() if k in out]
+        return {k: out[k] for k in [*first, *[k for k in out if k not in first]]}
 
     @staticmethod
     def metrics(trainer: L.Trainer) -> dict[str, float]:

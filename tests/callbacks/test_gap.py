@@ -207,3 +207,17 @@ def test_dashboards_in_the_event_files(tmp_path: Path, cache_dir: Path):
     assert values["hparams/switch_step"] == 4.0
     assert values["hparams/val_loss"] == pytest.approx(acc.Scalars("val/loss")[-1].value)
     assert values["hparams/gap"] == pytest.approx(acc.Scalars("quant/gap")[-1].value)
+
+
+def test_swept_keys_come_from_the_sweeps_multirun_yaml(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from bitflow.callbacks.dashboards import hparam_value, swept_keys
+
+    cfg = {"hydra": {"sweeper": {"params": {"transition.phase_in": "none,tanh"}},
+                     "overrides": {"task": ["quant=ternary", "seed=1,2,3", "+transition.at=range(0.1,0.5,0.1)",
+                                            "quant.include=[a,b]", "trainer.max_steps=300"]}}}
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / "multirun.yaml")
+    assert swept_keys(tmp_path / "multirun.yaml") == ["transition.phase_in", "seed", "transition.at"]
+    assert swept_keys(tmp_path / "absent.yaml") == [] and swept_keys() == []  # not in a multirun
+    assert [hparam_value(v) for v in ("0.2", "3", "true", "null", "tanh")] == [0.2, 3, True, "null", "tanh"]
