@@ -39,10 +39,11 @@ def _run(root: Path, name: str, at, seed: int, level: float, jump: float = 0.0, 
 def test_smoothing_recovery_and_area_by_hand(tmp_path: Path):
     assert smoothed([(0, 1.0), (1, 2.0), (2, 2.0)], beta=0.5) == {0: 1.0, 1: 1.5, 2: 1.75}
     base = read_run(_run(tmp_path, "fp16", None, 1, 2.0))
-    # the same curve plus 0.5 at step 50 and 0.25 at step 60; the smoothed difference (beta 0.9):
-    # 0.05, 0.07, 0.063, 0.0567 at steps 50..80: within 0.06 from step 80 on
+    # the same curve plus 0.5 at step 50 and 0.25 at step 60; the smoothed difference (beta 0.6):
+    # 0.2, 0.22, 0.132, 0.0792, 0.0475 at steps 50..90: within 0.1 from step 80 on, within 0.06 from step 90 on
     switched = read_run(_run(tmp_path, "sw", 0.5, 1, 2.0, jump=0.5, decay=0.5))
-    assert recovery_vs(switched, base, tol=0.06) == 30
+    assert recovery_vs(switched, base, tol=0.1) == 30
+    assert recovery_vs(switched, base, tol=0.06) == 40
     mine, theirs = smoothed(switched.series("train/loss")), smoothed(base.series("train/loss"))
     assert recovery_vs(switched, base, tol=0.001) is None  # never within 0.001 by step 90
     diff = {s: mine[s] - theirs[s] for s in mine if s >= 50}
@@ -61,7 +62,8 @@ def test_report_groups_seeds_and_compares_with_the_16bit_run(tmp_path: Path):
     rows = {Path(r["run"]).name: r for r in csv.DictReader((tmp_path / "out" / "report.csv").open())}
     assert rows["fp16_1"]["recovery_vs_16bit"] == ""  # the baseline itself
     assert rows["late_1"]["recovery_vs_16bit"] == "never"  # a jump of 1.0 at step 80 is not gone by step 90
-    assert int(rows["early_2"]["recovery_vs_16bit"]) == 60 and float(rows["early_2"]["area_vs_16bit"]) > 0
+    # 0.6 at step 20, 0.3 at 30: smoothed 0.24, 0.264, 0.158, 0.095, 0.057, 0.034 (step 70): within 0.05 from 70
+    assert int(rows["early_2"]["recovery_vs_16bit"]) == 50 and float(rows["early_2"]["area_vs_16bit"]) > 0
     seeds = list(csv.DictReader((tmp_path / "out" / "report_seeds.csv").open()))
     assert [(r["transition.at"], r["seeds"]) for r in seeds] == [("0.2", "3"), ("null", "3"), ("0.8", "3")]
     early, fp16, late = seeds  # in the order of the run directories

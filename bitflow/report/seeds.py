@@ -2,7 +2,7 @@
 
 Recovery against 16-bit (the in-run ``transition/recovery_steps`` compares a run with its own pre-switch loss, which
 is 0 in short runs whose loss is still falling at the switch): both runs' training losses are smoothed by the same
-exponential moving average (beta :data:`SMOOTHING`), and
+exponential moving average over the logged points (beta :data:`SMOOTHING` = 0.6, TensorBoard's default), and
 
 * ``recovery_vs_16bit`` = the steps from the switch t0 until the run's smoothed loss is back within ``tol`` nats of
   the 16-bit run's at the same step and stays there to the end of the run (``never`` if it is outside at the end);
@@ -31,7 +31,7 @@ __all__ = [
     "within_spread",
 ]
 
-SMOOTHING = 0.9
+SMOOTHING = 0.6  # per logged point, as TensorBoard's default smoothing
 SEED_KEY = "seed"
 DEFAULT_TOL = 0.05
 
