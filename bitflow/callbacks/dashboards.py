@@ -4,8 +4,8 @@
   lambda per block, the switch step, the quantization gap and per-layer sensitivity), quantization health (zero
   fraction, flip rate, weight scale, DQT level shares) and throughput. Chart entries are the tag regexes TensorBoard
   matches against the run's scalars (:data:`LAYOUT`).
-* HParams (written when the fit ends): the run's command-line overrides (Hydra's ``hydra.overrides.task``, e.g.
-  ``transition.at=0.2``; those a multirun sweeps first, so that the HParams tab shows them) as hyperparameters, and as metrics the final validation loss, the switch step, the spike,
+* HParams (written when the fit ends): the run's swept overrides (Hydra's ``hydra.overrides.task``, e.g.
+  ``transition.at=0.2``; in a multirun only the keys it sweeps, else every override) as hyperparameters, and as metrics the final validation loss, the switch step, the spike,
   the in-run recovery and the last gap before the switch (``hparams/<name>`` scalars at the last step), so that after
   ``bitflow +experiment=transition_sweep -m`` the HParams tab compares the runs with no extra step.
 """
@@ -108,7 +108,8 @@ class TensorBoardDashboards(Callback):
 
     Args:
         overrides: ``key=value`` strings to show as hyperparameters; ``None`` = the run's Hydra overrides
-            (:func:`swept_overrides`), minus ``hydra.*``/``paths.*``.
+            (:func:`swept_overrides`), minus ``hydra.*``/``paths.*``; in a multirun only the keys it sweeps
+            (:func:`swept_keys`).
     """
 
     def __init__(self, overrides: list[str] | None = None) -> None:
@@ -127,7 +128,7 @@ class TensorBoardDashboards(Callback):
             writer.flush()
 
     def hparams(self) -> dict[str, bool | int | float | str]:
-        """The hyperparameters of this run: its overrides, ``+``/``~`` dropped from the keys."""
+        """The hyperparameters of this run: its (swept) overrides, ``+``/``~`` dropped from the keys."""
         items = self.overrides if self.overrides is not None else swept_overrides()
         out: dict[str, bool | int | float | str] = {}
         for item in items:
@@ -135,9 +136,10 @@ class TensorBoardDashboards(Callback):
             key = key.lstrip("+~")
             if key and not key.startswith(IGNORED_PREFIXES):
                 out[key] = hparam_value(value)
-        # the swept keys first: TensorBoard's HParams tab shows the first few columns by default
-        first = [k for k in swept_keys() if k in out]
-        return {k: out[k] for k in [*first, *[k for k in out if k not in first]]}
+        # in a multirun only what it sweeps (TensorBoard shows the first few hyperparameters in alphabetical order;
+        # the overrides every run shares would push the swept ones out of view); the full config is in .hydra/
+        swept = [k for k in swept_keys() if k in out]
+        return {k: out[k] for k in swept} if swept else out
 
     @staticmethod
     def metrics(trainer: L.Trainer) -> dict[str, float]:
