@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # When to switch, decided by the run (experiments/switch_timing/README.md): at=auto against fixed 20/50/80% and the
 # 16-bit and ternary baselines, 3 seeds each, plus a progressive (block-wise) switch against all-at-once at the same
-# mean step. 36 runs of ~1.5 minutes on 2 CPU cores (the continual_qat budget: 1M parameters, 300 steps).
+# mean step. 39 runs of ~1.5 minutes on 2 CPU cores (the continual_qat budget: 1M parameters, 300 steps).
 #   bash experiments/switch_timing/run.sh          # runs into multirun/switch_timing/..., then the report
 set -euo pipefail
 OUT=${OUT:-multirun/switch_timing}
@@ -18,6 +18,9 @@ bitflow -m "${COMMON[@]}" transition.at=0.1,0.15 hydra.sweep.dir="$OUT/early"
 # auto with the threshold rule: switch once the smoothed gap reaches 0.1 nats
 bitflow -m "${COMMON[@]}" transition.at=auto transition.auto_rule=threshold transition.auto_threshold=0.1 \
   hydra.sweep.dir="$OUT/threshold"
+# auto, plateau rule reacting at the first rise of the gap (smoothing 1, patience 1)
+bitflow -m "${COMMON[@]}" transition.at=auto transition.auto_smoothing=1 transition.auto_patience=1 \
+  hydra.sweep.dir="$OUT/auto_fast"
 # progressive: block by block (least fragile first), the first at step 120 and the second at 180 (mean 150 = 50%)
 bitflow -m "${COMMON[@]}" transition.at=120 transition.schedule=progressive transition.progressive_steps=60 \
   transition.progressive_order=sensitivity hydra.sweep.dir="$OUT/progressive"
