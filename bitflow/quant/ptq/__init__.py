@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitflow.quant.ptq.gptq import GPTQInfo, HessianAccumulator, gptq
+from bitflow.quant.ptq.gptq import GPTQInfo, HessianAccumulator
 from bitflow.quant.ptq.layer import PTQLinear
-from bitflow.quant.ptq.rtn import BITS, Grid, QuantizedWeight, rtn
+from bitflow.quant.ptq.rtn import BITS, Grid, QuantizedWeight
 
-__all__ = ["BITS", "GPTQInfo", "Grid", "HessianAccumulator", "PTQLinear", "QuantizedWeight", "gptq", "ptq_checkpoint",
-           "rtn"]
+# the functions rtn.rtn and gptq.gptq are not re-exported: they would shadow their modules' names
+__all__ = ["BITS", "GPTQInfo", "Grid", "HessianAccumulator", "PTQLinear", "QuantizedWeight", "ptq_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:
