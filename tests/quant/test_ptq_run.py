@@ -141,7 +141,9 @@ def test_bad_checkpoints_and_shapes_fail_before_any_work(run_ckpt: Path, tmp_pat
                                           r"the 64 input features of layers.0.mlp.w2.*calib_windows >= 2"):
         ptq_checkpoint(run_ckpt, "gptq", 4, calib_windows=1)
     ckpt = torch.load(run_ckpt, map_location="cpu", weights_only=False)
-    torch.save(ckpt, tmp_path / "elsewhere.ckpt")  # not inside a run: no data config
+    assert ckpt["bitflow"]["data"]["seq_len"] == 32  # training records its data config in every checkpoint
+    del ckpt["bitflow"]["data"]  # as in checkpoints written before it did
+    torch.save(ckpt, tmp_path / "elsewhere.ckpt")  # not inside a run either: no data config at all
     with pytest.raises(ConfigError, match=r"elsewhere.ckpt' has no data config"):
         ptq_checkpoint(tmp_path / "elsewhere.ckpt", "rtn", 4)
     ckpt["bitflow"]["tokenizer"] = None
