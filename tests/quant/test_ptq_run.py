@@ -125,6 +125,8 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path):
         (dict(method="gptq", bits=4, calib_windows=0), "calib_windows=0 is not allowed"),
         (dict(method="gptq", bits=4, group_size=0), "group_size=0 is not allowed"),
         (dict(method="gptq", bits=4, percdamp=0), "percdamp=0 is not allowed"),
+        (dict(method="gptq", bits=4, device="gpu7"), "device='gpu7' is not allowed"),
+        (dict(method="absmean", bits=None, ternary_act_bits=1), "ternary_act_bits=1 is not supported"),
         (dict(method="gptq", bits=4), "ckpt=.* is not allowed; allowed: the path of a bitflow checkpoint"),
     ]
     for kwargs, match in cases:
@@ -187,3 +189,24 @@ def test_the_app_prints_the_losses_writes_beside_the_input_and_sweeps(run_ckpt: 
     proc = _ptq(f"ckpt={run_ckpt}", "bits=5", cwd=cwd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert "config error: bits=5 is not allowed; allowed: 2, 3, 4, 6, 8 with method=gptq" in proc.stderr + proc.stdout
+
+
+def test_conf_ptq_yaml_states_the_api_defaults_and_unknown_keys_fail():
+    import inspect
+
+    from bitflow.quant.ptq.run import run_settings
+    from bitflow.quant.recipes.ptq import PTQQuant
+
+    conf = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "ptq.yaml"))
+    conf.pop("hydra")
+    params = inspect.signature(ptq_checkpoint).parameters
+    assert set(conf) == set(params) | {"out"}
+    for key, value in conf.items():
+        if key not in ("ckpt", "method", "out"):  # required, or decided per call
+            default = params[key].default
+            assert value == (list(default) if isinstance(default, tuple) else default), key
+    assert (conf["percdamp"], conf["block_size"]) == (PTQQuant.percdamp, PTQQuant.block_size)
+    with pytest.raises(ConfigError, match="ckpt is required"):
+        run_settings({"method": "rtn"})
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['bogus'\]; allowed: ckpt, method, bits, out, "):
+        run_settings({"ckpt": "x.ckpt", "method": "rtn", "bogus": 1})
