@@ -14,7 +14,7 @@ import torch
 
 from bitflow.bench.common import print_table
 
-BENCHES = ("train", "allocator", "data", "bitlinear", "dqt", "gap")
+BENCHES = ("train", "allocator", "data", "bitlinear", "dqt", "ptq", "gap")
 
 
 def main() -> None:
