@@ -15,7 +15,9 @@ measurement.
 
 Quantizers (``transition.gap_quant``): ``recipe`` (the run's recipe, see :func:`gap_quantizer`), ``absmean`` /
 ``absmedian`` (ternary weights only, one scale per tensor), ``int2`` ... ``int8`` (n-bit RTN weights only, absmax
-per output channel: nothing clipped). The maths is :mod:`bitflow.quant.functional`'s.
+per output channel: nothing clipped; the maths is :mod:`bitflow.quant.functional`'s), ``rtn2`` ... ``rtn8`` (the
+n-bit RTN of ``bitflow-ptq``, :func:`bitflow.quant.ptq.rtn.rtn`: the GPTQ-style symmetric grid per output row,
+weights only; bits 2, 3, 4, 6, 8). GPTQ is not offered: it needs calibration per measurement.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from bitflow.quant.recipe import QuantRecipe
 
 __all__ = ["GAP_QUANT_OPTIONS", "GapQuantizer", "QuantGap", "gap_quantizer"]
 
-GAP_QUANT_OPTIONS = ("recipe", "absmean", "absmedian", *(f"int{b}" for b in range(2, 9)))
+PTQ_BITS = (2, 3, 4, 6, 8)  # bitflow.quant.ptq.rtn.BITS (imported lazily: the PTQ package is heavier)
+GAP_QUANT_OPTIONS = (
+    "recipe", "absmean", "absmedian", *(f"int{b}" for b in range(2, 9)), *(f"rtn{b}" for b in PTQ_BITS)
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,15 @@ class GapQuantizer:
     act_qmax: float | None = None
     input_norm: str | None = None
     eps: float = QF.DEFAULT_EPS
+    ptq_bits: int | None = None  # PTQ's RTN on its GPTQ-style grid instead (bitflow.quant.ptq.rtn), weights only
 
     def weight(self, w: Tensor) -> Tensor:
-        """The dequantized weight ``Q(W)`` in ``w``'s dtype (:func:`bitflow.quant.functional.fake_quantize_weight`)."""
+        """The dequantized weight ``Q(W)`` in ``w``'s dtype (:func:`bitflow.quant.functional.fake_quantize_weight`,
+        or with ``ptq_bits`` :func:`bitflow.quant.ptq.rtn.rtn`: symmetric, per output row)."""
+        if self.ptq_bits is not None:
+            from bitflow.quant.ptq.rtn import rtn
+
+            return rtn(w, self.ptq_bits).weight.to(w.dtype)
         return QF.fake_quantize_weight(w, self.weight_scale, self.granularity, self.group_size, self.bits, self.eps)
 
     def input(self, x: Tensor) -> Tensor:
@@ -72,13 +83,16 @@ class GapQuantizer:
 def gap_quantizer(option: str, recipe: QuantRecipe | None) -> GapQuantizer:
     """The quantizer of ``transition.gap_quant``: ``recipe`` = the run's recipe (``bitlinear``: its weight and
     activation options; ``dqt``: its grid with the init scale, per tensor, and its activations), ``absmean`` /
-    ``absmedian`` ternary, ``int<b>`` b-bit absmax per channel. Raises ``ValueError`` naming the key."""
+    ``absmedian`` ternary, ``int<b>`` b-bit absmax per channel, ``rtn<b>`` PTQ's RTN. Raises ``ValueError``
+    naming the key."""
     if option not in GAP_QUANT_OPTIONS:
         raise ValueError(f"transition.gap_quant={option!r} is not allowed; allowed: {', '.join(GAP_QUANT_OPTIONS)}")
     if option in ("absmean", "absmedian"):
         return GapQuantizer(weight_scale=option)
     if option.startswith("int"):
         return GapQuantizer(weight_scale="absmax", granularity="channel", bits=int(option[3:]))
+    if option.startswith("rtn"):
+        return GapQuantizer(ptq_bits=int(option[3:]))
     if recipe is None:
         raise ValueError("transition.gap_quant=recipe needs a quant recipe (e.g. quant=ternary)")
     o = recipe.options

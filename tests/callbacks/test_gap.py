@@ -41,6 +41,20 @@ def test_ternary_absmean_and_int4_weights_by_hand():
         gap_quantizer("int9", None)
 
 
+def test_ptq_rtn_option_is_bitflow_ptqs_rtn():
+    from bitflow.callbacks.gap import PTQ_BITS
+    from bitflow.quant.ptq.rtn import BITS, rtn
+
+    assert PTQ_BITS == BITS
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(gap_quantizer("rtn4", None).weight(w), rtn(w, 4).weight)
+    # symmetric 4-bit grid per row: scale = 2 max|row| / 15, levels scale * {-8, ..., 7}
+    row = w[0]
+    scale = 2 * row.abs().max() / 15
+    expect = scale * (torch.clamp(torch.round(row / scale) + 8, 0, 15) - 8)
+    assert torch.allclose(gap_quantizer("rtn4", None).weight(w)[0], expect)
+
+
 def test_recipe_gap_is_the_loss_of_the_switched_model_and_leaves_the_weights_alone():
     model = tiny_llama()
     recipe = recipe_from_config({"recipe": "bitlinear"})
