@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # When to switch, decided by the run (experiments/switch_timing/README.md): at=auto against fixed 20/50/80% and the
 # 16-bit and ternary baselines, 3 seeds each, plus a progressive (block-wise) switch against all-at-once at the same
-# mean step. 39 runs of ~1.5 minutes on 2 CPU cores (the continual_qat budget: 1M parameters, 300 steps).
+# mean step. 33 runs of ~1.5 minutes on 2 CPU cores (the continual_qat budget: 1M parameters, 300 steps).
 #   bash experiments/switch_timing/run.sh          # runs into multirun/switch_timing/..., then the report
 set -euo pipefail
 OUT=${OUT:-multirun/switch_timing}
