@@ -14,7 +14,7 @@ import torch
 
 from bitflow.bench.common import print_table
 
-BENCHES = ("train", "bitlinear", "framework", "process", "allocator", "data", "dqt")
+BENCHES = ("train", "bitlinear", "framework", "process", "allocator", "data", "dqt", "ptq")
 
 
 def main() -> None:
