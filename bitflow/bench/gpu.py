@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 
-from bitflow.bench import bitlinear, train
-from bitflow.bench.common import default_bf16, interleaved, median, print_table, spread
-
 
 def spectra_rows(quick: bool) -> list[dict[str, Any]]:
     """tokens/s of ``model=spectra_99m`` (16-bit, ternary) with the whole-model loop of :mod:`bitflow.bench.train`."""
+    from bitflow.bench import train
+    from bitflow.bench.common import default_bf16, interleaved, median, spread
     from bitflow.bench.framework import compose_config
     from bitflow.config import to_plain
     from bitflow.models.llama import LlamaConfig
@@ -51,6 +50,9 @@ def main() -> None:
         print(f"bench-gpu: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False); run it on "
               "a machine with an NVIDIA GPU and a CUDA build of torch. `make bench` measures the CPU.", file=sys.stderr)
         raise SystemExit(2)
+    from bitflow.bench import bitlinear, train  # after the check: the message comes before any slow import
+    from bitflow.bench.common import default_bf16, print_table
+
     summary: list[dict[str, Any]] = []
     for r in bitlinear.run_layers(quick=args.quick, device="cuda"):
         if r["layer"] != "nn.Linear":
