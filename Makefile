@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 DIR ?= multirun
 
-.PHONY: help install install-bench test test-unit test-full lint format train tb bench report clean
+.PHONY: help install install-bench test test-unit test-full lint format train tb bench bench-gpu report clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ tb:  ## TensorBoard on outputs/ and multirun/
 
 bench:  ## run the benchmarks and print their tables (QUICK=1 for a short run)
 	$(PYTHON) -m bitflow.bench $(if $(QUICK),--quick,)
+
+bench-gpu:  ## the same ratios on a CUDA GPU, one summary table (exits with a message without CUDA)
+	$(PYTHON) -m bitflow.bench.gpu $(if $(QUICK),--quick,)
 
 report:  ## tables and plots for a multirun or run directories: make report DIR=multirun/...
 	bitflow-report $(DIR)

@@ -263,6 +263,10 @@ def check_config(cfg: DictConfig) -> None:
             f"use data.seq_len<={context} or raise model.max_seq_len"
         )
     check_optimizer(to_plain(cfg.optimizer))
+    from bitflow.models.compile import check_compile
+
+    with config_errors():
+        check_compile(cfg.get("compile", False))
     from bitflow.schedules import LRSchedule
 
     scheduler = to_plain(cfg.scheduler)

@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bitflow.checkpoint import (  # read_checkpoint: re-exported, its home is bitflow.checkpoint
@@ -25,7 +24,9 @@ from bitflow.checkpoint import (  # read_checkpoint: re-exported, its home is bi
     read_checkpoint,
 )
 from bitflow.models import model_root  # re-exported: the one unwrap helper lives in bitflow.models
+from bitflow.models.compile import compile_model
 from bitflow.models.llama import Llama, LlamaConfig
+from bitflow.models.loss import next_token_loss
 from bitflow.quant.recipe import QuantRecipe, adamw, unwrap_optimizer
 from bitflow.quant.recipes import recipe_for_state, recipe_from_config
 from bitflow.schedules import LRSchedule
@@ -67,7 +68,8 @@ class LanguageModel(L.LightningModule):
         optimizer: AdamW settings: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``fused``; missing ones take
             conf/optimizer/adamw.yaml's values (:func:`default_optimizer_config`, the one home of the defaults).
         scheduler: ``LRSchedule`` fields except ``total_steps`` (taken from the trainer's ``max_steps``).
-        compile: run the model's forward through ``torch.compile``.
+        compile: ``torch.compile`` mode: ``False``, ``True`` (the whole decoder) or ``"regional"`` (each block;
+            :mod:`bitflow.models.compile`).
         tokenizer_json: the tokenizer, serialised; stored in every checkpoint so a checkpoint is self-contained.
         quant: the ``quant`` config: ``recipe`` (``none``, ``bitlinear``, ``dqt``) and its options; ``None`` =
             16-bit. The recipe is ``self.quant_recipe``.
@@ -78,7 +80,7 @@ class LanguageModel(L.LightningModule):
         model: dict[str, Any],
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         tokenizer_json: str | None = None,
         quant: Mapping[str, Any] | None = None,
     ) -> None:
@@ -92,33 +94,40 @@ class LanguageModel(L.LightningModule):
         self.quant_recipe: QuantRecipe | None = recipe_from_config(quant)
         # a callback may wrap the LR schedule (e.g. the re-warmup after an optimizer reset); pure in the step
         self.lr_wrappers: list[Callable[[Callable[[int], float]], Callable[[int], float]]] = []
-        self._forward = torch.compile(self.model) if compile else self.model
+        self._forward, self._hidden_states = compile_model(self.model, compile)
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
         self._last_time: float | None = None
+        self._span = (0, 0.0)  # (tokens, seconds) of training steps since tokens/s was last logged
+        # (global step, tokens/s) as last logged: read by RunSummary without touching a device tensor
+        self.throughput: tuple[int, float] | None = None
 
     # ---------------------------------------------------------------- forward and loss
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)
 
     def loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy of a batch [B, T+1]."""
-        x, y = batch[:, :-1], batch[:, 1:]
-        logits = self(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
+        """Next-token cross-entropy of a batch [B, T+1], chunked over tokens (:mod:`bitflow.models.loss`)."""
+        return next_token_loss(self.model, batch, reduction, self._hidden_states)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         tokens = batch.shape[0] * (batch.shape[1] - 1)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/loss", loss, prog_bar=True)  # a device tensor: read (synced) at logging steps only
         world = self.trainer.world_size if self._trainer is not None else 1
         self.tokens_seen = getattr(self, "tokens_seen", 0) + tokens * world
-        self.log("train/tokens_seen", float(self.tokens_seen))
         now = time.perf_counter()
-        if self._last_time is not None:
-            self.log("train/tokens_per_sec", tokens * world / max(now - self._last_time, 1e-9))
+        if self._last_time is not None:  # the time since the previous step (validation excluded)
+            self._span = (self._span[0] + tokens * world, self._span[1] + now - self._last_time)
         self._last_time = now
+        if self._trainer is None or self.trainer._logger_connector.should_update_logs:
+            # a logged Python number becomes a device tensor (a blocking host-to-device copy): logging steps only
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+            self.log("train/tokens_seen", float(self.tokens_seen))
+            if self._span[1] > 0:  # mean throughput over the steps since the previous logging step
+                self.throughput = (self.trainer.global_step, self._span[0] / self._span[1])
+                self.log("train/tokens_per_sec", self.throughput[1])
+                self._span = (0, 0.0)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

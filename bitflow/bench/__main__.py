@@ -14,7 +14,7 @@ import torch
 
 from bitflow.bench.common import print_table
 
-BENCHES = ("train", "allocator", "data", "bitlinear", "dqt", "ptq", "gap")
+BENCHES = ("train", "bitlinear", "framework", "process", "allocator", "data", "dqt", "ptq", "gap")
 
 
 def main() -> None:
@@ -35,14 +35,13 @@ def main() -> None:
             continue
         results[name] = module.run(quick=args.quick)
     if "train" in results and "data" in results:
-        train = next(r for r in results["train"] if r["precision"] == "bf16")
+        train = next(r for r in results["train"] if r["variant"] == "16-bit")
         loader = max((r for r in results["data"] if r.get("case", "").startswith("train loader")),
                      key=lambda r: r["tokens_per_s"])
-        print_table("Data pipeline against what training consumes (default model, bf16)", [{
-            "training tok/s": train["bitflow tok/s"], "data loader tok/s": float(loader["tokens_per_s"]),
-            "headroom (goal >= 50x)": loader["tokens_per_s"] / train["bitflow tok/s"],
+        print_table(f"Data pipeline against what training consumes ({train['model']}, {train['precision']})", [{
+            "training tok/s": train["tok/s"], "data loader tok/s": float(loader["tokens_per_s"]),
+            "headroom (goal >= 50x)": loader["tokens_per_s"] / train["tok/s"],
         }])
-
 
 if __name__ == "__main__":
     main()

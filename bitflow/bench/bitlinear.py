@@ -1,5 +1,13 @@
 """Train-step time of BitLinear vs nn.Linear (and the seed authors' PyPI ``bitlinear`` layer, if installed).
 
+Two tables. **Layers** (the issue's target rows): one layer's forward + backward for the shapes
+(8,256,1024)->4096, (8,256,4096)->1024 and (16,256,192)->512, ``nn.Linear`` / BitLinear absmean / BitLinear
+absmedian, eager and ``torch.compile``-d, with 1 and 2 threads, in the precision ``trainer.precision: auto`` picks
+(bf16 autocast only where bf16 is native). The variants of a row group are interleaved round by round; reported:
+the median of the rounds with their spread, and median / median of nn.Linear. The bound is the matmul: BitLinear
+runs the same ``F.linear``, the quantizers add two reads of W and of x (statistic, then quantize-dequantize).
+
+**Stack** (below):
 A small decoder-like stack (attention-shaped projections wq/wk/wv/wo with a cheap token mixer instead of softmax
 attention, and a SwiGLU MLP w1/w3/w2, pre-RMSNorm, residuals) is trained for a few steps (forward + backward +
 AdamW) under bf16 autocast on the CPU, with every projection an ``nn.Linear``, a :class:`~bitflow.quant.BitLinear`
@@ -23,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitflow.bench.common import default_bf16, interleaved, median, print_table, spread
 from bitflow.quant import BitLinear
 
 LinearFactory = Callable[[int, int], nn.Module]
@@ -81,7 +90,74 @@ def _variants() -> list[tuple[str, LinearFactory | None, str]]:
     ]
 
 
-def run(quick: bool = False, compile: bool = False) -> list[dict]:
+LAYER_SHAPES = [((8, 256), 1024, 4096), ((8, 256), 4096, 1024), ((16, 256), 192, 512)]  # (batch dims, in, out)
+LAYERS = {
+    "nn.Linear": lambda i, o: nn.Linear(i, o, bias=False),
+    "BitLinear absmean": lambda i, o: BitLinear(i, o, bias=False),
+    "BitLinear absmedian": lambda i, o: BitLinear(i, o, bias=False, weight_scale="absmedian"),
+}
+
+
+def layer_steps(
+    lead: tuple[int, ...], d_in: int, d_out: int, compiled: bool, device: str = "cpu", bf16: bool | None = None
+):
+    """``{variant: step}``: forward + backward of one fresh layer of each kind (same weights) on one input."""
+    bf16 = default_bf16(device) if bf16 is None else bf16
+    torch.manual_seed(0)
+    x = torch.randn(*lead, d_in, device=device, requires_grad=True)
+    grad = torch.randn(*lead, d_out, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    steps = {}
+    for name, make in LAYERS.items():
+        torch.manual_seed(1)
+        layer = make(d_in, d_out).to(device)
+        fwd = torch.compile(layer) if compiled else layer
+
+        def step(fwd: nn.Module = fwd, layer: nn.Module = layer) -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                y = fwd(x)
+            y.backward(grad.to(y.dtype))
+            x.grad, layer.weight.grad = None, None
+
+        step()  # warm-up (and compilation)
+        step()
+        steps[name] = step
+    return steps
+
+
+def run_layers(quick: bool = False, device: str = "cpu", threads: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """The layer table: one row per shape, variant, eager/compiled and thread count; printed and returned."""
+    shapes = [((2, 32), 64, 128)] if quick else LAYER_SHAPES
+    repeats, iters = (5, 1) if quick else (7, 3)
+    bf16 = default_bf16(device)
+    rows = []
+    saved = torch.get_num_threads()
+    for n in threads if device == "cpu" else (saved,):
+        torch.set_num_threads(n)
+        for compiled in (False, True):
+            for lead, d_in, d_out in shapes:
+                times = interleaved(layer_steps(lead, d_in, d_out, compiled, device, bf16), repeats, iters, device)
+                base = median(times["nn.Linear"])
+                for name, ts in times.items():
+                    rows.append({
+                        "shape": f"{lead}x{d_in}->{d_out}", "layer": name, "compiled": compiled, "threads": n,
+                        "ms (median)": 1e3 * median(ts), "spread ms": spread([1e3 * t for t in ts]),
+                        "vs nn.Linear": median(ts) / base,
+                    })
+    torch.set_num_threads(saved)
+    print_table(
+        f"BitLinear train step (fwd+bwd) / nn.Linear, {'bf16 autocast' if bf16 else 'fp32'} (the default's "
+        f"precision), median of {repeats} interleaved rounds x {iters} steps (goal: absmean <= 1.05, "
+        "absmedian <= 1.10)", rows,
+    )
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    """The layer table (:func:`run_layers`), then the stack table (:func:`run_stack`), eager."""
+    return run_layers(quick) + run_stack(quick)
+
+
+def run_stack(quick: bool = False, compile: bool = False) -> list[dict]:
     """Time train steps of each variant; returns one row per variant and prints a table.
 
     ``quick``: a tiny configuration (for CI/smoke tests). ``compile``: wrap every model in ``torch.compile``
@@ -170,4 +246,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    run(quick=args.quick, compile=args.compile)
+    threads = (args.threads,) if args.threads is not None else (1, 2)
+    run_layers(quick=args.quick, threads=threads)
+    run_stack(quick=args.quick, compile=args.compile)

@@ -29,6 +29,16 @@ def cpu_name() -> str:
     return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {bf16}, {os.cpu_count()} cores)"
 
 
+def machine_line() -> str:
+    """The header line of every table: CPU model, torch's CPU capability, native bf16, threads (and the GPU)."""
+    import torch
+
+    line = f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        line += f"; GPU: {torch.cuda.get_device_name()}"
+    return line
+
+
 def time_per_call(fn: Callable[[], object], warmup: int = 3, iters: int = 10, repeats: int = 3) -> float:
     """Best-of-``repeats`` mean seconds per call of ``fn`` over ``iters`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
@@ -56,8 +66,58 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[str] | None 
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print(f"\n{title}\nCPU: {cpu_name()}")
+    print(f"\n{title}\n{machine_line()}")
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def default_bf16(device: str = "cpu") -> bool:
+    """Whether ``trainer.precision: auto`` picks ``bf16-mixed`` on ``device`` (bf16 only where it is native): the
+    precision every benchmark runs in, so the figures are those of a default run."""
+    from bitflow.config import resolve_precision
+
+    return resolve_precision("auto", "gpu" if device == "cuda" else "cpu")[0] == "bf16-mixed"
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, iters: int = 1, device: str = "cpu",
+    setup: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, measured round-robin: every round times ``iters`` calls of every
+    function, in an order rotated each round, so load from other processes hits all variants alike. ``repeats``
+    rounds give ``repeats`` samples per variant; ``setup(name)`` runs before each variant's timing (untimed)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if setup is not None:
+                setup(name)
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - t0) / iters)
+    return times
+
+
+def spread(samples: Sequence[float]) -> str:
+    """``min-max`` of samples in the units they come in, for the tables' spread column."""
+    return f"{min(samples):,.4g}-{max(samples):,.4g}"
+
+
+def median(samples: Sequence[float]) -> float:
+    """The median of ``samples``."""
+    import statistics
+
+    return statistics.median(samples)

@@ -1,7 +1,13 @@
-"""Training throughput: bitflow's decoder against Hugging Face's ``LlamaForCausalLM`` of the same shape.
+"""Whole-model train steps: ternary / 16-bit, and bitflow's decoder against Hugging Face's ``LlamaForCausalLM``.
 
-Both models train with the same loop in the same process: same batch, same precision (bf16 autocast or fp32),
-AdamW, cross-entropy computed the same way outside the model. Reported: tokens/s and bitflow / HF.
+One loop for every variant: the same batch (16 x 256 tokens), the precision ``trainer.precision: auto`` picks,
+AdamW as bitflow builds it (:func:`bitflow.quant.recipe.adamw`: fused where torch has it), gradient clipping at 1.0.
+bitflow's models compute their loss as a run does (:func:`bitflow.models.loss.next_token_loss`, chunked); the HF
+model returns logits and the loss is ``F.cross_entropy`` of them in float32. Variants are interleaved round by
+round; reported: the median tokens/s with the spread, and the ratios (goal: ternary / 16-bit step time <= 1.03,
+bitflow / HF throughput >= 1.3). The bound of ternary / 16-bit: the quantizers' passes over weights and
+activations (see the bitlinear bench); of bitflow / HF: the same matmuls, so only the loss, the attention kernel
+and the framework's own elementwise work can differ.
 """
 
 from __future__ import annotations
@@ -11,14 +17,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bitflow.bench.common import print_table, time_per_call
+from bitflow.bench.common import default_bf16, interleaved, median, print_table, spread
+from bitflow.lm import param_groups
 from bitflow.models.llama import Llama, LlamaConfig
+from bitflow.models.loss import next_token_loss
+from bitflow.quant.recipe import adamw
+from bitflow.quant.recipes import recipe_from_config
 
 # (name, model fields, seq_len, batch)
 SHAPES = [
     ("tiny (default)", dict(d_model=192, n_layers=4, n_heads=6, d_ff=512, max_seq_len=256), 256, 16),
-    ("small25m", dict(d_model=512, n_layers=8, n_heads=8, d_ff=1376, max_seq_len=512), 256, 8),
+    ("small25m", dict(d_model=512, n_layers=8, n_heads=8, d_ff=1376, max_seq_len=512), 256, 16),
 ]
+QUICK_SHAPE = ("quick", dict(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=64), 32, 4)
 VOCAB = 8192
 
 
@@ -39,48 +50,81 @@ def hf_llama(cfg: LlamaConfig) -> torch.nn.Module | None:
     return LlamaForCausalLM(hf_cfg)
 
 
-def train_step_fn(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def train_step_fn(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, hf: bool, device: str = "cpu"):
+    """One training step of ``model`` on ``batch`` [B, T+1]: forward, loss, backward, clipping, AdamW."""
+    opt = adamw(model, param_groups(model, 0.1), lr=1e-4)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits if hf else model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            if hf:
+                loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+            else:
+                loss = next_token_loss(model, batch)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    rows = []
-    shapes = SHAPES[:1] if quick else SHAPES
-    for name, fields, seq_len, batch_size in shapes:
+def models(cfg: LlamaConfig, device: str = "cpu") -> dict[str, torch.nn.Module | None]:
+    """``16-bit`` and ``ternary`` (the default ``quant=ternary`` recipe) bitflow decoders with the same initial
+    weights, and the HF decoder of the same shape (None without transformers)."""
+    out: dict[str, torch.nn.Module | None] = {}
+    for name in ("16-bit", "ternary"):
+        torch.manual_seed(0)
+        model = Llama(cfg)
+        if name == "ternary":
+            recipe_from_config({"recipe": "bitlinear"}).convert(model)
+        out[name] = model.to(device)
+    torch.manual_seed(0)
+    hf = hf_llama(cfg)
+    out["HF LlamaForCausalLM"] = hf.to(device) if hf is not None else None
+    return out
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+    """Both tables for every shape; returns the rows of the first (one per model and variant)."""
+    bf16 = default_bf16(device)
+    precision = "bf16 autocast" if bf16 else "fp32"
+    repeats, iters = (5, 1) if quick else (7, 3)
+    rows, hf_rows = [], []
+    for name, fields, seq_len, batch_size in [QUICK_SHAPE] if quick else SHAPES:
         cfg = LlamaConfig(vocab_size=VOCAB, **fields)
-        batch = torch.randint(0, VOCAB, (batch_size, seq_len + 1))
-        for precision in ("bf16", "fp32"):
-            bf16 = precision == "bf16"
-            torch.manual_seed(0)
-            ours = Llama(cfg)
-            row = {"model": name, "params_M": ours.num_parameters(non_embedding=False) / 1e6,
-                   "precision": precision, "tokens/step": batch_size * seq_len}
-            iters = 3 if quick else 8
-            t_ours = time_per_call(train_step_fn(ours, batch, bf16, hf=False), warmup=2, iters=iters, repeats=2)
-            row["bitflow tok/s"] = batch_size * seq_len / t_ours
-            hf = hf_llama(cfg)
-            if hf is None:
-                row["HF tok/s"], row["bitflow/HF"] = "not installed", ""
-            else:
-                t_hf = time_per_call(train_step_fn(hf, batch, bf16, hf=True), warmup=2, iters=iters, repeats=2)
-                row["HF tok/s"] = batch_size * seq_len / t_hf
-                row["bitflow/HF"] = t_hf / t_ours
-            rows.append(row)
-            del ours
-    print_table("Training throughput: bitflow Llama vs HF LlamaForCausalLM (same shape, batch, precision)", rows)
+        torch.manual_seed(0)
+        batch = torch.randint(0, VOCAB, (batch_size, seq_len + 1), device=device)
+        steps = {}
+        for variant, model in models(cfg, device).items():
+            if model is not None:
+                steps[variant] = train_step_fn(model, batch, bf16, hf=variant.startswith("HF"), device=device)
+                steps[variant]()  # warm-up
+        times = interleaved(steps, repeats, iters, device)
+        tokens = batch_size * seq_len
+        base = median(times["16-bit"])
+        for variant, ts in times.items():
+            rows.append({
+                "model": name, "variant": variant, "precision": precision, "tokens/step": tokens,
+                "tok/s": tokens / median(ts), "spread tok/s": spread([tokens / t for t in ts]),
+                "step time vs 16-bit": median(ts) / base,
+            })
+        hf = times.get("HF LlamaForCausalLM")
+        hf_rows.append({
+            "model": name, "precision": precision, "bitflow 16-bit tok/s": tokens / base,
+            "HF tok/s": tokens / median(hf) if hf else "transformers not installed",
+            "bitflow / HF": median(hf) / base if hf else "",
+        })
+    print_table(f"Whole-model train step (fwd+bwd+clip+AdamW), batch x seq as listed, median of {repeats} "
+                f"interleaved rounds x {iters} steps (goal: ternary step time <= 1.03x 16-bit)", rows)
+    print_table("Training throughput: bitflow Llama vs HF LlamaForCausalLM (same shape, batch, precision, loop; "
+                "goal >= 1.3x)", hf_rows)
     return rows
 
 
 if __name__ == "__main__":
-    run()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny shape, a few seconds")
+    run(quick=parser.parse_args().quick)

@@ -17,7 +17,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, ModelSummary
+from lightning.pytorch.callbacks import Callback, ModelSummary, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 log = logging.getLogger("bitflow")
@@ -37,7 +37,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 class RunSummary(Callback):
     """Progress and summary of a run, through logging (so the console and ``cli.log`` both get them).
 
-    - tokens/s on the progress bar (``ktok/s``, thousands; not sent to the loggers);
+    - tokens/s on the progress bar (``ktok/s``, thousands; not sent to the loggers), updated at logging steps; on an
+      accelerator the bar refreshes every ``log_every_n_steps`` steps (each refresh is a host sync);
     - after each validation: ``step N: train loss, val loss, tokens/s`` (median since the previous validation);
     - at the end: final train/val loss, val ppl, median tokens/s, wall time, last and best checkpoints, the resume
       and ``tensorboard --logdir`` commands.
@@ -48,16 +49,24 @@ class RunSummary(Callback):
         self._start = 0.0
         self._tokens_per_sec: list[float] = []
         self._since_val = 0
+        self._seen: tuple[int, float] | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._start = time.perf_counter()
-        self._tokens_per_sec, self._since_val = [], 0
+        self._tokens_per_sec, self._since_val, self._seen = [], 0, None
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and bar.refresh_rate == 1 and pl_module.device.type != "cpu":
+            # each refresh reads every progress-bar metric (the loss) off the device: a host sync per step on an
+            # accelerator unless the bar refreshes at the logging interval (on a CPU a read costs nothing)
+            bar._refresh_rate = max(1, trainer.log_every_n_steps)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        value = _metric(trainer.callback_metrics, "train/tokens_per_sec")
-        # lm.py logs tokens/s from the second step after each (re)start; a value only counts once
-        if value is None or (self._tokens_per_sec and value == self._tokens_per_sec[-1]):
+        # lm.py measures tokens/s over the steps between logging steps, as Python numbers: nothing to sync here
+        throughput = getattr(pl_module, "throughput", None)
+        if throughput is None or throughput == self._seen:
             return
+        self._seen = throughput
+        value = throughput[1]
         self._tokens_per_sec.append(value)
         if trainer.progress_bar_callback is not None:
             pl_module.log("ktok/s", value / 1000, prog_bar=True, logger=False, on_step=True, on_epoch=False)
@@ -83,7 +92,7 @@ class RunSummary(Callback):
         wall = timedelta(seconds=round(time.perf_counter() - self._start))
         tps = self._median_since(0)
         spread = (
-            f" (median of {len(self._tokens_per_sec)} steps, {min(self._tokens_per_sec):,.0f}-"
+            f" (median of {len(self._tokens_per_sec)} logged intervals, {min(self._tokens_per_sec):,.0f}-"
             f"{max(self._tokens_per_sec):,.0f})" if self._tokens_per_sec else ""
         )
         lines = [

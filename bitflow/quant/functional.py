@@ -155,8 +155,10 @@ def absmedian(w: Tensor, granularity: str = "tensor", group_size: int | None = N
 def _lower_median_numpy(a: Tensor) -> Tensor:
     """Lower median over the last dim (keepdim) of a CPU float tensor via numpy's introselect.
 
-    ``torch.median`` on CPU is several times slower for weight-sized tensors; as a custom op this also stays one
-    opaque, fast call inside ``torch.compile``-d graphs.
+    A selection, not a sort, and no host sync: the tensor already lives in host memory and ``a.numpy()`` shares it.
+    torch's CPU selections (``torch.median``, ``torch.kthvalue``) carry an index per element through the selection;
+    ``torch.median`` was measured several times slower for weight-sized tensors; as a custom op (with a fake kernel) this stays one opaque call, without a graph
+    break, inside ``torch.compile``-d graphs.
     """
     k = (a.shape[-1] - 1) // 2  # 0-based index of the lower middle value in sorted order
     part = np.partition(a.numpy(), k, axis=-1)
@@ -169,10 +171,15 @@ def _(a: Tensor) -> Tensor:
 
 
 def _lower_median(a: Tensor) -> Tensor:
-    """``a.median(dim=-1, keepdim=True).values`` (the lower middle value for an even count)."""
+    """``a.median(dim=-1, keepdim=True).values`` (the lower middle value for an even count) by selection.
+
+    CPU float32/float64: numpy's introselect (:func:`_lower_median_numpy`); elsewhere (GPUs, bf16): the device's own
+    selection, ``torch.kthvalue`` (a radix select on CUDA), which never sorts the row and never syncs with the host.
+    Both return the same element as ``torch.median``.
+    """
     if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and not a.requires_grad:
         return _lower_median_numpy(a)
-    return a.median(dim=-1, keepdim=True).values
+    return a.kthvalue((a.shape[-1] + 1) // 2, dim=-1, keepdim=True).values
 
 
 def absmax(w: Tensor, granularity: str = "tensor", group_size: int | None = None) -> Tensor:

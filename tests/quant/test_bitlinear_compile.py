@@ -99,3 +99,72 @@ def test_compiled_model_with_shared_inputs_matches_eager():
     for i, j in ((0, 1), (2, 3), (0, 4)):
         for a, b in zip(grads[i], grads[j], strict=True):
             assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- what the compiled quantizers become
+def _aot_graphs(fn, *args) -> list[torch.fx.GraphModule]:
+    """The forward and backward ATen graphs AOTAutograd traces for ``fn(*args).backward()`` (fullgraph)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))(*args).backward()
+    return graphs
+
+
+@pytest.mark.parametrize("weight_scale", ["absmean", "absmedian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_quantizers_neither_sync_nor_sort(weight_scale, dtype):
+    # fullgraph: no graph break; in the traced graphs no op reads a value back to the host (.item(), bool(t)) and the
+    # median is a selection (numpy's introselect for float32 CPU weights, torch.kthvalue otherwise), never a sort
+    layer = BitLinear(32, 16, weight_scale=weight_scale, input_norm="rmsnorm").to(dtype)
+    x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+
+    def fn(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x).float().sum()
+
+    graphs = _aot_graphs(fn, x)
+    assert len(graphs) == 2  # one forward, one backward
+    ops = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+    assert not {op for op in ops if "_local_scalar_dense" in op or op.startswith("aten.item")}, ops
+    sorting = ("sort", "argsort", "msort", "median", "nanmedian", "quantile", "topk")
+    assert not {op for op in ops if op.startswith("aten.") and op.split(".")[1] in sorting}, ops
+    if weight_scale == "absmedian":
+        selection = "bitflow.lower_median" if dtype == torch.float32 else "aten.kthvalue"
+        assert any(selection in op for op in ops), ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_scale", ["absmean", "absmedian"])
+def test_inductor_fuses_each_quantizer_into_one_pass_per_read(weight_scale):
+    # The bound: the forward reads W twice (its statistic, then quantize-dequantize into bf16) and x twice (per-token
+    # max|x|, then quantize-dequantize into bf16): Inductor's CPU backend emits these as loop nests of ONE fused C++
+    # kernel (absmedian: the abs before the opaque median selection is a second kernel), at most 5 loop nests with
+    # the scale reductions; the matmuls are extern (mkldnn/BLAS) calls. The straight-through backward only casts
+    # the two incoming gradients: 2 loop nests in one kernel.
+    import torch._inductor.metrics as metrics
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    layer = BitLinear(64, 32, bias=False, weight_scale=weight_scale)
+    x = torch.randn(4, 8, 64, requires_grad=True)
+
+    def fn(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    metrics.reset()
+    y, (forward_code,) = run_and_get_code(torch.compile(fn, fullgraph=True), x)
+    forward_loops = metrics.generated_kernel_count
+    metrics.reset()
+    _, (backward_code,) = run_and_get_code(lambda: y.backward(torch.ones_like(y)))
+    kernels = [code.count("async_compile.cpp_pybinding(") for code in (forward_code, backward_code)]
+    assert kernels == [1 if weight_scale == "absmean" else 2, 1]
+    assert forward_loops <= 5 and metrics.generated_kernel_count <= 2
+    assert forward_code.count("extern_kernels.mm(") == 1 and backward_code.count("extern_kernels.mm(") == 2

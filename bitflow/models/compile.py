@@ -1,0 +1,42 @@
+"""``compile``: how a decoder runs under ``torch.compile`` (the ``compile`` key of conf/train.yaml).
+
+* ``false``: eager.
+* ``true``: the decoder's hidden-state computation compiled as one graph (the LM head and the loss stay eager: the
+  chunked loss of :mod:`bitflow.models.loss` keeps its memory bound).
+* ``regional``: each transformer block compiled in place (``nn.Module.compile``). The blocks share their code, so
+  one compilation serves them all (their weights are graph inputs, not constants): start-up costs one block's
+  compilation instead of the whole model's, and quantized layers fuse within each block as in ``true``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["COMPILE_MODES", "check_compile", "compile_model"]
+
+COMPILE_MODES = (False, True, "regional")
+
+
+def check_compile(value: object) -> bool | str:
+    """``value`` if it is a compile mode (``false``, ``true``, ``"regional"``), else ``ValueError`` naming the key."""
+    if isinstance(value, bool) or value == "regional":
+        return value
+    raise ValueError(f"compile={value!r} is not allowed; allowed: false, true, regional")
+
+
+def compile_model(model: nn.Module, mode: bool | str = False) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    """``(logits module, hidden-states function)`` of a decoder with ``hidden_states``, ``lm_head`` and ``layers``
+    (a :class:`~bitflow.models.llama.Llama`) for compile ``mode``; ``regional`` compiles ``model.layers`` in place.
+
+    Each is compiled on its first call: training calls only the hidden states (the loss applies the head).
+    """
+    mode = check_compile(mode)
+    if mode is True:
+        return torch.compile(model), torch.compile(model.hidden_states)
+    if mode == "regional":
+        for block in model.layers:
+            block.compile()
+    return model, model.hidden_states
