@@ -60,9 +60,17 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     """Every callback config under ``callbacks`` (a dict of ``_target_`` entries), plus the precision transition
     that applies the ``quant`` recipe (from the first step, or at ``transition.at``)."""
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
     from bitflow.callbacks import build_transition
 
     out = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not any(
+        isinstance(c, ProgressBar) for c in out
+    ):
+        # Lightning's own default is Rich's bar whenever `rich` is importable (many packages pull it in); bitflow's
+        # console (log lines through tqdm.write, `ktok/s=` on the bar) is built for the tqdm one, so ask for it
+        out.append(TQDMProgressBar())
     transition = build_transition(cfg)
     if transition is not None:
         out.append(transition)
