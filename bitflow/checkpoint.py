@@ -27,7 +27,7 @@ from bitflow.io import atomic_output
 
 __all__ = [
     "CHECKPOINT_KEY", "FORMAT_VERSION", "AtomicCheckpointIO", "atomic_torch_save", "check_same_model",
-    "read_checkpoint",
+    "newest_checkpoint", "read_checkpoint",
 ]
 
 CHECKPOINT_KEY = "bitflow"
@@ -57,6 +57,19 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a bitflow checkpoint (no '{CHECKPOINT_KEY}' section)")
     return ckpt
+
+
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints of a run directory: ``<run>/checkpoints/*.ckpt`` (ModelCheckpoint's, ``last.ckpt`` of a
+    graceful stop) and ``<run>/hpc_ckpt_<n>.ckpt`` (Lightning's SLURM requeue checkpoints)."""
+    run_dir = Path(run_dir)
+    return [p for p in [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run directory (by modification time; ``last.ckpt`` wins a tie), or None."""
+    found = run_checkpoints(run_dir)
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

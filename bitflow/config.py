@@ -35,6 +35,7 @@ __all__ = [
     "planned_switch_step",
     "qualify",
     "quant_and_transition",
+    "resolve_ckpt_path",
     "resolve_precision",
     "run_dir_of",
     "to_plain",
@@ -249,6 +250,30 @@ def check_data(data: Mapping[str, Any]) -> None:
         check_int("data.vocab_size", vocab, 257)
 
 
+FAULT_KEYS = ("on_nonfinite", "max_consecutive_skips", "max_rollbacks", "rollback_lr_factor", "slurm_auto_requeue",
+              "requeue_signal")
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
+
+
+def check_fault(fault: Mapping[str, Any]) -> None:
+    """The ``fault`` group (conf/fault/default.yaml): the non-finite policy and SLURM requeue options."""
+    import signal
+
+    unknown = sorted(set(fault) - set(FAULT_KEYS))
+    if unknown:
+        fail(f"fault.{unknown[0]}", fault[unknown[0]], f"the keys {', '.join(FAULT_KEYS)}")
+    if fault.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+        fail("fault.on_nonfinite", fault.get("on_nonfinite"), ", ".join(NONFINITE_POLICIES))
+    check_int("fault.max_consecutive_skips", fault.get("max_consecutive_skips", 10), 1)
+    check_int("fault.max_rollbacks", fault.get("max_rollbacks", 3), 0)
+    _number("fault.rollback_lr_factor", fault.get("rollback_lr_factor", 0.5), 0.0, 1.0, low_open=True)
+    if fault.get("slurm_auto_requeue", True) not in (True, False):
+        fail("fault.slurm_auto_requeue", fault.get("slurm_auto_requeue"), "true or false")
+    name = fault.get("requeue_signal", "SIGUSR1")
+    if not isinstance(getattr(signal, str(name), None), signal.Signals) or not str(name).startswith("SIG"):
+        fail("fault.requeue_signal", name, "a signal name such as SIGUSR1, SIGUSR2, SIGTERM")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject bad values before anything is built, with a :class:`ConfigError` naming the key, the value and what
     is allowed. Cheap: reads the config, imports no training code but the dataclasses that validate themselves."""
@@ -263,6 +288,7 @@ def check_config(cfg: DictConfig) -> None:
             f"use data.seq_len<={context} or raise model.max_seq_len"
         )
     check_optimizer(to_plain(cfg.optimizer))
+    check_fault(to_plain(cfg.get("fault")) or {})
     from bitflow.schedules import LRSchedule
 
     scheduler = to_plain(cfg.scheduler)
@@ -357,17 +383,67 @@ def checkpoint_run_dir(ckpt_path: Any) -> Path | None:
     return run if run is not None and any((run / marker).is_dir() for marker in (".hydra", "tb")) else None
 
 
+# ckpt_path values that name no file: the newest checkpoint of the run directory (``last``: one must exist; ``auto``:
+# start fresh when there is none)
+RESUME_KEYWORDS = ("last", "auto")
+
+
+def newest_run(runs_dir: str | Path) -> Path | None:
+    """The run directory under ``runs_dir`` (e.g. ``outputs/train``) whose newest checkpoint is the newest, or None."""
+    from bitflow.checkpoint import newest_checkpoint
+
+    runs_dir = Path(runs_dir)
+    found = [(c, d) for d in runs_dir.iterdir() if d.is_dir() for c in [newest_checkpoint(d)] if c is not None] if (
+        runs_dir.is_dir()) else []
+    return max(found, key=lambda cd: cd[0].stat().st_mtime_ns)[1] if found else None
+
+
 def _run_dir(ckpt_path: Any, default: str) -> str:
+    if ckpt_path in RESUME_KEYWORDS:  # `bitflow ckpt_path=last`: continue the newest run of outputs/<task_name>
+        run = newest_run(Path(default).parent)
+        return str(run) if run is not None else default
     run = checkpoint_run_dir(ckpt_path)
     return str(run) if run is not None else default
 
 
-def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN") -> str:
+def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN", run_dir: Any = None) -> str:
     # a resumed run keeps the original .hydra/ (its overrides are what bitflow-report reads) and adds its own; a
     # multirun job resuming a checkpoint has a new job directory of its own, so its configs go to .hydra as usual
-    if str(mode).upper().endswith("MULTIRUN") or checkpoint_run_dir(ckpt_path) is None:
+    if str(mode).upper().endswith("MULTIRUN"):
         return ".hydra"
-    return f".hydra/resume_{stamp}"
+    if ckpt_path in RESUME_KEYWORDS:
+        resuming = run_dir is not None and (Path(str(run_dir)) / ".hydra").is_dir()
+    else:
+        resuming = checkpoint_run_dir(ckpt_path) is not None
+    return f".hydra/resume_{stamp}" if resuming else ".hydra"
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """Turn ``ckpt_path=last|auto`` into the newest checkpoint of the run directory ``paths.output_dir``, in place.
+
+    ``ckpt_path: null`` in a directory that holds an ``hpc_ckpt_<n>.ckpt`` (a SLURM job requeued by Lightning's
+    ``SLURMEnvironment(auto_requeue=True)``: it runs again in the same directory) resumes the same way, as Lightning
+    itself would, so bitflow's resume checks run on it. Raises :class:`ConfigError` for ``last`` without any
+    checkpoint. Returns the path (None: a fresh start)."""
+    from bitflow.checkpoint import newest_checkpoint
+
+    ckpt = cfg.get("ckpt_path")
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    requeued = ckpt is None and output_dir is not None and any(Path(str(output_dir)).glob("hpc_ckpt_*.ckpt"))
+    if ckpt not in RESUME_KEYWORDS and not requeued:
+        return ckpt
+    newest = newest_checkpoint(output_dir) if output_dir is not None else None
+    if newest is None and ckpt == "last":
+        raise ConfigError(
+            f"ckpt_path=last: no checkpoint in the run directory {output_dir} (checkpoints/*.ckpt or hpc_ckpt_*.ckpt); "
+            "give the run with hydra.run.dir=<run>, a checkpoint file, or ckpt_path=auto to start fresh when there "
+            "is none"
+        )
+    with open_dict(cfg):
+        cfg.ckpt_path = str(newest) if newest is not None else None
+    log.info("ckpt_path=%s -> %s", ckpt if ckpt is not None else "null (requeued SLURM job)",
+             newest if newest is not None else "no checkpoint yet: starting fresh")
+    return cfg.ckpt_path
 
 
 def register_resolvers() -> None:

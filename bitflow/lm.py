@@ -108,6 +108,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        self.last_loss = loss.detach()  # NonFiniteGuard checks it before the optimizer step, on the device
         tokens = batch.shape[0] * (batch.shape[1] - 1)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
