@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bitflow.config import (
     ConfigError,
     check_config,
+    check_output_dir,
     checkpoint_run_dir,
     config_errors,
     explicit_keys,
@@ -175,6 +176,7 @@ def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
         if cfg.trainer.precision == "auto":
             cfg.trainer.precision = precision
             log.info("trainer.precision=auto -> %s: %s", precision, why)
+        check_output_dir(cfg)
         resolve_ckpt_path(cfg)  # last / auto / a requeued SLURM job -> the newest checkpoint of the run
         check_config(cfg)
         if cfg.get("ckpt_path") is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "check_config",
     "check_int",
+    "check_output_dir",
     "config_errors",
     "explicit_keys",
     "fail",
@@ -418,6 +419,25 @@ def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN", run_dir: Any = 
     return f".hydra/resume_{stamp}" if resuming else ".hydra"
 
 
+def check_output_dir(cfg: DictConfig) -> None:
+    """Refuse an output directory (``paths.output_dir``) that cannot be created or written, before training: a
+    run would otherwise fail at its first checkpoint."""
+    import tempfile
+
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
+    if output_dir is None:
+        return
+    try:
+        Path(str(output_dir)).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=str(output_dir)):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"paths.output_dir={str(output_dir)!r} is not writable ({e.strerror or e}); give a directory this "
+            "user can write (hydra.run.dir=... for the bitflow command)"
+        ) from e
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """Turn ``ckpt_path=last|auto`` into the newest checkpoint of the run directory ``paths.output_dir``, in place.
 
@@ -428,7 +448,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     from bitflow.checkpoint import newest_checkpoint
 
     ckpt = cfg.get("ckpt_path")
-    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
     requeued = ckpt is None and output_dir is not None and any(Path(str(output_dir)).glob("hpc_ckpt_*.ckpt"))
     if ckpt not in RESUME_KEYWORDS and not requeued:
         return ckpt

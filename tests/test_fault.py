@@ -80,7 +80,7 @@ def test_sigterm_mid_phase_in_stops_after_the_step_and_resumes_exactly(tiny_over
     assert info.value.exit_code == 128 + signal.SIGTERM
     assert info.value.step == 8  # the step during which the signal came was completed
     assert "ckpt_path=last" in str(info.value)
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 8
     transition = next(v for k, v in last["callbacks"].items() if k.startswith("PrecisionTransition"))
     assert transition["switch_step"] == 4 and last["bitflow"]["quant"] is not None
@@ -170,7 +170,7 @@ def test_an_injected_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_c
         run_training(compose([*tiny_overrides, *nan]))
     assert info.value.step == 8
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 6, ckpts  # the validation checkpoint before the NaN; nothing written after it
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     scalars = read_scalars(tmp_path / "run" / "tb")
@@ -182,7 +182,7 @@ def test_skip_policy_drops_the_nan_step_and_leaves_the_weights_alone(tiny_overri
     run_training(compose([*tiny_overrides, *nan, "fault.on_nonfinite=skip"]))
     scalars = read_scalars(tmp_path / "run" / "tb")
     assert scalars["fault/skipped_steps"] == [(8, 1.0)]
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 12
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
@@ -199,7 +199,7 @@ def test_rollback_policy_resumes_the_last_checkpoint_with_half_the_lr(tiny_overr
     assert lr[5] == pytest.approx(full_lr[5])
     for step in range(6, 12):  # replayed from the checkpoint of step 6 with LR x 0.5
         assert lr[step] == pytest.approx(0.5 * full_lr[step]), step
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 12
 
 
