@@ -237,7 +237,9 @@ def _fit(cfg: DictConfig, rollbacks: int = 0) -> dict[str, float]:
     from bitflow.callbacks.fault import GracefulStop, NonFiniteGuard
     from bitflow.checkpoint import AtomicCheckpointIO
     from bitflow.lm import LanguageModel
+    from bitflow.threads import apply_threads
 
+    apply_threads(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with config_errors("data", [*cfg.data, *(cfg.data.get("source") or {})]):
         datamodule = instantiate(cfg.data)

@@ -290,6 +290,10 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_optimizer(to_plain(cfg.optimizer))
     check_fault(to_plain(cfg.get("fault")) or {})
+    threads = cfg.get("threads", "auto")
+    if threads != "auto":
+        check_int("threads", threads, 1, allowed="auto (the cores this process may use / concurrent runs) or an "
+                  "integer >= 1")
     from bitflow.schedules import LRSchedule
 
     scheduler = to_plain(cfg.scheduler)
