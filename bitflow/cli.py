@@ -176,11 +176,11 @@ def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
         if cfg.trainer.precision == "auto":
             cfg.trainer.precision = precision
             log.info("trainer.precision=auto -> %s: %s", precision, why)
-        check_output_dir(cfg)
         resolve_ckpt_path(cfg)  # last / auto / a requeued SLURM job -> the newest checkpoint of the run
         check_config(cfg)
         if cfg.get("ckpt_path") is not None:
             check_resume(cfg)
+        check_output_dir(cfg)  # last: it creates the directory, which a refused config should not leave behind
 
 
 def plan_layers(cfg: DictConfig) -> list[str]:
