@@ -74,6 +74,9 @@ def config_errors(section: str | None = None, names: Iterable[str] = (), owner: 
         raise
     except (ValueError, TypeError, FileNotFoundError) as e:
         message = str(e) if not section else qualify(str(e), section, names, owner)
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", message) if section else None
+        if unexpected:  # a key the constructor does not take
+            message = f"{section}.{unexpected.group(1)} is not a key of {section}: {message}"
         raise ConfigError(message) from e
 
 
@@ -224,7 +227,8 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
     """AdamW's values, checked as ``torch.optim.AdamW`` would (which only complains inside ``trainer.fit``)."""
     unknown = sorted(set(optimizer) - set(OPTIMIZER_KEYS))
     if unknown:
-        raise ConfigError(f"unknown optimizer key(s) {unknown}; allowed: {', '.join(OPTIMIZER_KEYS)}")
+        raise ConfigError(f"unknown optimizer key(s) {unknown}; allowed: {', '.join(OPTIMIZER_KEYS)} (remove "
+                          f"{', '.join('optimizer.' + k for k in unknown)})")
     _number("optimizer.lr", optimizer.get("lr"), 0.0, low_open=True)
     betas = optimizer.get("betas", (0.9, 0.999))
     if not isinstance(betas, (list, tuple)) or len(betas) != 2:
@@ -301,12 +305,24 @@ def check_config(cfg: DictConfig) -> None:
         try:
             LRSchedule(total_steps=max_steps, **scheduler)
         except TypeError as e:  # an unknown key
+            import dataclasses
+
+            known = {f.name for f in dataclasses.fields(LRSchedule)} - {"total_steps"}
+            unknown = sorted(set(scheduler) - known)
+            if unknown:
+                fail(f"scheduler.{unknown[0]}", scheduler[unknown[0]], f"the keys {', '.join(sorted(known))}")
             raise ConfigError(f"scheduler: {e}") from e
         except ValueError as e:
             raise ValueError(str(e).replace("total_steps=", "trainer.max_steps=")) from e
     from bitflow.models.llama import LlamaConfig
 
     fields = to_plain(model)
+    import dataclasses
+
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)} - {"_target_"})
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(LlamaConfig) if f.name != "vocab_size")
+        fail(f"model.{unknown[0]}", fields[unknown[0]], f"the LlamaConfig fields {known}")
     with config_errors("model", fields, owner="LlamaConfig"):
         # the vocabulary size comes from the tokenizer later; a placeholder validates every other field now
         LlamaConfig.from_dict({**fields, "vocab_size": 1})
