@@ -333,6 +333,12 @@ def check_config(cfg: DictConfig) -> None:
         t0 = planned_switch_step(cfg)  # quant options, quant/transition combination, transition.at against the run
         recipe, _ = quant_and_transition(cfg)
     strategy = str(cfg.trainer.get("strategy", "auto"))
+    if "ModelParallelStrategy" in strategy and recipe is not None:
+        raise ConfigError(
+            f"trainer=fsdp with quant.recipe={recipe.name!r}: sharded training (FSDP2) supports 16-bit runs only so "
+            "far (a layer converted mid-run holds a sharded weight FSDP does not gather); use trainer=ddp, or "
+            "quant=none"
+        )
     if t0 and recipe is not None and not recipe.keeps_parameters and strategy.startswith("ddp") and (
         "find_unused_parameters_true" not in strategy
     ):

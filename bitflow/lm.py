@@ -96,6 +96,21 @@ class LanguageModel(L.LightningModule):
         self._val_count: torch.Tensor | None = None
         self._last_time: float | None = None
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy, which sets ``device_mesh``): shard each decoder
+        block, then the rest (embedding, final norm, tied head), with FSDP2's ``fully_shard``. A block's forward sees
+        its all-gathered weights, so a BitLinear scale is over the whole matrix, as on one device."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in self.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded = True
+
     # ---------------------------------------------------------------- forward and loss
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)
