@@ -11,16 +11,18 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bitflow.config import (
     ConfigError,
     check_config,
+    check_output_dir,
     checkpoint_run_dir,
     config_errors,
     explicit_keys,
     fit_short_run,
     register_resolvers,
+    resolve_ckpt_path,
     resolve_precision,
     to_plain,
 )
@@ -63,6 +65,7 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
     from bitflow.callbacks import build_transition
+    from bitflow.callbacks.fault import GracefulStop, NonFiniteGuard
 
     out = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not any(
@@ -74,7 +77,25 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     transition = build_transition(cfg)
     if transition is not None:
         out.append(transition)
-    return out
+    fault = {k: v for k, v in to_plain(cfg.get("fault") or {}).items() if k not in SLURM_KEYS}
+    return [*out, GracefulStop(), NonFiniteGuard(**fault)]
+
+
+SLURM_KEYS = ("slurm_auto_requeue", "requeue_signal")
+
+
+def cluster_plugins(cfg: DictConfig) -> list[Any]:
+    """Lightning's ``SLURMEnvironment`` with ``fault.slurm_auto_requeue`` and ``fault.requeue_signal`` when running
+    under SLURM (Lightning detects it from the environment); nothing elsewhere."""
+    import signal
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return []
+    name = str(OmegaConf.select(cfg, "fault.requeue_signal", default="SIGUSR1"))  # checked by check_config
+    requeue = bool(OmegaConf.select(cfg, "fault.slurm_auto_requeue", default=True))
+    return [SLURMEnvironment(auto_requeue=requeue, requeue_signal=getattr(signal, name))]
 
 
 def check_resume(cfg: DictConfig) -> None:
@@ -164,9 +185,11 @@ def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
         if cfg.trainer.precision == "auto":
             cfg.trainer.precision = precision
             log.info("trainer.precision=auto -> %s: %s", precision, why)
+        resolve_ckpt_path(cfg)  # last / auto / a requeued SLURM job -> the newest checkpoint of the run
         check_config(cfg)
         if cfg.get("ckpt_path") is not None:
             check_resume(cfg)
+        check_output_dir(cfg)  # last: it creates the directory, which a refused config should not leave behind
 
 
 def plan_layers(cfg: DictConfig) -> list[str]:
@@ -189,14 +212,43 @@ def plan_layers(cfg: DictConfig) -> list[str]:
 def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bool = False) -> dict[str, float]:
     """Check the config (unless ``prepared``: :func:`prepare_config` ran already), build data, model, callbacks,
     logger and trainer from it, then fit. Returns the final metrics. Bad config values raise
-    :class:`~bitflow.config.ConfigError` before the data is tokenized."""
+    :class:`~bitflow.config.ConfigError` before the data is tokenized.
+
+    A SIGTERM/SIGINT raises :class:`~bitflow.callbacks.fault.RunInterrupted` (``last.ckpt`` written), a
+    non-finite step :class:`~bitflow.callbacks.fault.NonFiniteError`; ``fault.on_nonfinite=rollback`` resumes
+    here from the run's newest checkpoint with a lower LR."""
+    from bitflow.callbacks.fault import RollbackRequested
+    from bitflow.checkpoint import newest_checkpoint
+
     if not prepared:
         prepare_config(cfg, explicit)
-    import lightning as L
+    rollbacks = 0
+    while True:
+        try:
+            return _fit(cfg, rollbacks)
+        except RollbackRequested as r:
+            ckpt = newest_checkpoint(cfg.paths.output_dir)
+            if ckpt is None:
+                from bitflow.callbacks.fault import NonFiniteError
 
+                raise NonFiniteError(f"{r}; but the run has no checkpoint yet to roll back to", r.step, None) from r
+            log.warning("%s: %s", r, ckpt)
+            rollbacks = r.rollbacks
+            with open_dict(cfg):
+                cfg.ckpt_path = str(ckpt)
+
+
+def _fit(cfg: DictConfig, rollbacks: int = 0) -> dict[str, float]:
+    """One ``trainer.fit`` of :func:`run_training` (``rollbacks``: how many the run has had: scales its LR)."""
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from bitflow.callbacks.fault import GracefulStop, NonFiniteGuard
     from bitflow.checkpoint import AtomicCheckpointIO
     from bitflow.lm import LanguageModel
+    from bitflow.threads import apply_threads
 
+    apply_threads(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with config_errors("data", [*cfg.data, *(cfg.data.get("source") or {})]):
         datamodule = instantiate(cfg.data)
@@ -221,14 +273,42 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
         with config_errors():
             check_same_model(model.model.config.to_dict(), meta["model_config"])
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
+    for callback in callbacks:
+        if isinstance(callback, NonFiniteGuard):
+            callback.rollbacks = max(callback.rollbacks, rollbacks)
+    with config_errors():
+        plugins = [AtomicCheckpointIO(), *cluster_plugins(cfg)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     if trainer.is_global_zero:
         n = model.model.num_parameters(non_embedding=False)
         log.info("model: %.2fM parameters; output: %s", n / 1e6, cfg.paths.output_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException as e:
+        raise interrupted(trainer, cfg) from e
+    finally:
+        for callback in callbacks:
+            if isinstance(callback, GracefulStop):
+                callback.restore()
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def interrupted(trainer: Any, cfg: DictConfig) -> Exception:
+    """The :class:`~bitflow.callbacks.fault.RunInterrupted` of a trainer that a signal stopped, with the command
+    that resumes it."""
+    from bitflow.callbacks.fault import GracefulStop, RunInterrupted
+
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    name = (stop.signal_name if stop else None) or "SIGTERM"
+    ckpt = stop.checkpoint if stop else None
+    run = cfg.paths.output_dir
+    if ckpt is None:
+        return RunInterrupted(f"stopped by {name} at step {trainer.global_step} before any step completed; "
+                              "nothing to resume", name, None, trainer.global_step)
+    return RunInterrupted(
+        f"stopped by {name} after step {trainer.global_step}; saved {ckpt}. Resume with the same command plus "
+        f"`hydra.run.dir={run} ckpt_path=last` (or ckpt_path={ckpt})", name, ckpt, trainer.global_step,
+    )
 
 
 def record_config(cfg: DictConfig) -> Path | None:
@@ -287,10 +367,15 @@ def _train(cfg: DictConfig) -> float | None:
     from bitflow.console import setup_console
 
     setup_console()  # warning filters, Lightning's console handlers undone, Lightning's adverts dropped
+    from bitflow.callbacks.fault import NonFiniteError, RunInterrupted
+
     try:
         metrics = run_training(cfg, prepared=True)
     except ConfigError as e:
         report_config_error(e)
+    except (RunInterrupted, NonFiniteError) as e:  # a scheduler must not take a stopped run for a finished one
+        log.error("%s", e)
+        raise SystemExit(e.exit_code) from None
     return metrics.get("val/loss")
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "check_config",
     "check_int",
+    "check_output_dir",
     "config_errors",
     "explicit_keys",
     "fail",
@@ -35,6 +36,7 @@ __all__ = [
     "planned_switch_step",
     "qualify",
     "quant_and_transition",
+    "resolve_ckpt_path",
     "resolve_precision",
     "run_dir_of",
     "to_plain",
@@ -72,6 +74,9 @@ def config_errors(section: str | None = None, names: Iterable[str] = (), owner: 
         raise
     except (ValueError, TypeError, FileNotFoundError) as e:
         message = str(e) if not section else qualify(str(e), section, names, owner)
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", message) if section else None
+        if unexpected:  # a key the constructor does not take
+            message = f"{section}.{unexpected.group(1)} is not a key of {section}: {message}"
         raise ConfigError(message) from e
 
 
@@ -222,7 +227,8 @@ def check_optimizer(optimizer: Mapping[str, Any]) -> None:
     """AdamW's values, checked as ``torch.optim.AdamW`` would (which only complains inside ``trainer.fit``)."""
     unknown = sorted(set(optimizer) - set(OPTIMIZER_KEYS))
     if unknown:
-        raise ConfigError(f"unknown optimizer key(s) {unknown}; allowed: {', '.join(OPTIMIZER_KEYS)}")
+        raise ConfigError(f"unknown optimizer key(s) {unknown}; allowed: {', '.join(OPTIMIZER_KEYS)} (remove "
+                          f"{', '.join('optimizer.' + k for k in unknown)})")
     _number("optimizer.lr", optimizer.get("lr"), 0.0, low_open=True)
     betas = optimizer.get("betas", (0.9, 0.999))
     if not isinstance(betas, (list, tuple)) or len(betas) != 2:
@@ -249,6 +255,30 @@ def check_data(data: Mapping[str, Any]) -> None:
         check_int("data.vocab_size", vocab, 257)
 
 
+FAULT_KEYS = ("on_nonfinite", "max_consecutive_skips", "max_rollbacks", "rollback_lr_factor", "slurm_auto_requeue",
+              "requeue_signal")
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
+
+
+def check_fault(fault: Mapping[str, Any]) -> None:
+    """The ``fault`` group (conf/fault/default.yaml): the non-finite policy and SLURM requeue options."""
+    import signal
+
+    unknown = sorted(set(fault) - set(FAULT_KEYS))
+    if unknown:
+        fail(f"fault.{unknown[0]}", fault[unknown[0]], f"the keys {', '.join(FAULT_KEYS)}")
+    if fault.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+        fail("fault.on_nonfinite", fault.get("on_nonfinite"), ", ".join(NONFINITE_POLICIES))
+    check_int("fault.max_consecutive_skips", fault.get("max_consecutive_skips", 10), 1)
+    check_int("fault.max_rollbacks", fault.get("max_rollbacks", 3), 0)
+    _number("fault.rollback_lr_factor", fault.get("rollback_lr_factor", 0.5), 0.0, 1.0, low_open=True)
+    if fault.get("slurm_auto_requeue", True) not in (True, False):
+        fail("fault.slurm_auto_requeue", fault.get("slurm_auto_requeue"), "true or false")
+    name = fault.get("requeue_signal", "SIGUSR1")
+    if not isinstance(getattr(signal, str(name), None), signal.Signals) or not str(name).startswith("SIG"):
+        fail("fault.requeue_signal", name, "a signal name such as SIGUSR1, SIGUSR2, SIGTERM")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject bad values before anything is built, with a :class:`ConfigError` naming the key, the value and what
     is allowed. Cheap: reads the config, imports no training code but the dataclasses that validate themselves."""
@@ -267,6 +297,11 @@ def check_config(cfg: DictConfig) -> None:
 
     with config_errors():
         check_compile(cfg.get("compile", False))
+    check_fault(to_plain(cfg.get("fault")) or {})
+    threads = cfg.get("threads", "auto")
+    if threads != "auto":
+        check_int("threads", threads, 1, allowed="auto (the cores this process may use / concurrent runs) or an "
+                  "integer >= 1")
     from bitflow.schedules import LRSchedule
 
     scheduler = to_plain(cfg.scheduler)
@@ -274,12 +309,24 @@ def check_config(cfg: DictConfig) -> None:
         try:
             LRSchedule(total_steps=max_steps, **scheduler)
         except TypeError as e:  # an unknown key
+            import dataclasses
+
+            known = {f.name for f in dataclasses.fields(LRSchedule)} - {"total_steps"}
+            unknown = sorted(set(scheduler) - known)
+            if unknown:
+                fail(f"scheduler.{unknown[0]}", scheduler[unknown[0]], f"the keys {', '.join(sorted(known))}")
             raise ConfigError(f"scheduler: {e}") from e
         except ValueError as e:
             raise ValueError(str(e).replace("total_steps=", "trainer.max_steps=")) from e
     from bitflow.models.llama import LlamaConfig
 
     fields = to_plain(model)
+    import dataclasses
+
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)} - {"_target_"})
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(LlamaConfig) if f.name != "vocab_size")
+        fail(f"model.{unknown[0]}", fields[unknown[0]], f"the LlamaConfig fields {known}")
     with config_errors("model", fields, owner="LlamaConfig"):
         # the vocabulary size comes from the tokenizer later; a placeholder validates every other field now
         LlamaConfig.from_dict({**fields, "vocab_size": 1})
@@ -290,6 +337,12 @@ def check_config(cfg: DictConfig) -> None:
         t0 = planned_switch_step(cfg)  # quant options, quant/transition combination, transition.at against the run
         recipe, _ = quant_and_transition(cfg)
     strategy = str(cfg.trainer.get("strategy", "auto"))
+    if "ModelParallelStrategy" in strategy and recipe is not None:
+        raise ConfigError(
+            f"trainer=fsdp with quant.recipe={recipe.name!r}: sharded training (FSDP2) supports 16-bit runs only so "
+            "far (a layer converted mid-run holds a sharded weight FSDP does not gather); use trainer=ddp, or "
+            "quant=none"
+        )
     if t0 and recipe is not None and not recipe.keeps_parameters and strategy.startswith("ddp") and (
         "find_unused_parameters_true" not in strategy
     ):
@@ -368,17 +421,86 @@ def checkpoint_run_dir(ckpt_path: Any) -> Path | None:
     return run if run is not None and any((run / marker).is_dir() for marker in (".hydra", "tb")) else None
 
 
+# ckpt_path values that name no file: the newest checkpoint of the run directory (``last``: one must exist; ``auto``:
+# start fresh when there is none)
+RESUME_KEYWORDS = ("last", "auto")
+
+
+def newest_run(runs_dir: str | Path) -> Path | None:
+    """The run directory under ``runs_dir`` (e.g. ``outputs/train``) whose newest checkpoint is the newest, or None."""
+    from bitflow.checkpoint import newest_checkpoint
+
+    runs_dir = Path(runs_dir)
+    found = [(c, d) for d in runs_dir.iterdir() if d.is_dir() for c in [newest_checkpoint(d)] if c is not None] if (
+        runs_dir.is_dir()) else []
+    return max(found, key=lambda cd: cd[0].stat().st_mtime_ns)[1] if found else None
+
+
 def _run_dir(ckpt_path: Any, default: str) -> str:
+    if ckpt_path in RESUME_KEYWORDS:  # `bitflow ckpt_path=last`: continue the newest run of outputs/<task_name>
+        run = newest_run(Path(default).parent)
+        return str(run) if run is not None else default
     run = checkpoint_run_dir(ckpt_path)
     return str(run) if run is not None else default
 
 
-def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN") -> str:
+def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN", run_dir: Any = None) -> str:
     # a resumed run keeps the original .hydra/ (its overrides are what bitflow-report reads) and adds its own; a
     # multirun job resuming a checkpoint has a new job directory of its own, so its configs go to .hydra as usual
-    if str(mode).upper().endswith("MULTIRUN") or checkpoint_run_dir(ckpt_path) is None:
+    if str(mode).upper().endswith("MULTIRUN"):
         return ".hydra"
-    return f".hydra/resume_{stamp}"
+    if ckpt_path in RESUME_KEYWORDS:
+        resuming = run_dir is not None and (Path(str(run_dir)) / ".hydra").is_dir()
+    else:
+        resuming = checkpoint_run_dir(ckpt_path) is not None
+    return f".hydra/resume_{stamp}" if resuming else ".hydra"
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """Refuse an output directory (``paths.output_dir``) that cannot be created or written, before training: a
+    run would otherwise fail at its first checkpoint."""
+    import tempfile
+
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
+    if output_dir is None:
+        return
+    try:
+        Path(str(output_dir)).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=str(output_dir)):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"paths.output_dir={str(output_dir)!r} is not writable ({e.strerror or e}); give a directory this "
+            "user can write (hydra.run.dir=... for the bitflow command)"
+        ) from e
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """Turn ``ckpt_path=last|auto`` into the newest checkpoint of the run directory ``paths.output_dir``, in place.
+
+    ``ckpt_path: null`` in a directory that holds an ``hpc_ckpt_<n>.ckpt`` (a SLURM job requeued by Lightning's
+    ``SLURMEnvironment(auto_requeue=True)``: it runs again in the same directory) resumes the same way, as Lightning
+    itself would, so bitflow's resume checks run on it. Raises :class:`ConfigError` for ``last`` without any
+    checkpoint. Returns the path (None: a fresh start)."""
+    from bitflow.checkpoint import newest_checkpoint
+
+    ckpt = cfg.get("ckpt_path")
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
+    requeued = ckpt is None and output_dir is not None and any(Path(str(output_dir)).glob("hpc_ckpt_*.ckpt"))
+    if ckpt not in RESUME_KEYWORDS and not requeued:
+        return ckpt
+    newest = newest_checkpoint(output_dir) if output_dir is not None else None
+    if newest is None and ckpt == "last":
+        raise ConfigError(
+            f"ckpt_path=last: no checkpoint in the run directory {output_dir} (checkpoints/*.ckpt or hpc_ckpt_*.ckpt); "
+            "give the run with hydra.run.dir=<run>, a checkpoint file, or ckpt_path=auto to start fresh when there "
+            "is none"
+        )
+    with open_dict(cfg):
+        cfg.ckpt_path = str(newest) if newest is not None else None
+    log.info("ckpt_path=%s -> %s", ckpt if ckpt is not None else "null (requeued SLURM job)",
+             newest if newest is not None else "no checkpoint yet: starting fresh")
+    return cfg.ckpt_path
 
 
 def register_resolvers() -> None:

@@ -102,6 +102,21 @@ class LanguageModel(L.LightningModule):
         # (global step, tokens/s) as last logged: read by RunSummary without touching a device tensor
         self.throughput: tuple[int, float] | None = None
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy, which sets ``device_mesh``): shard each decoder
+        block, then the rest (embedding, final norm, tied head), with FSDP2's ``fully_shard``. A block's forward sees
+        its all-gathered weights, so a BitLinear scale is over the whole matrix, as on one device."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in self.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded = True
+
     # ---------------------------------------------------------------- forward and loss
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)
@@ -112,6 +127,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        self.last_loss = loss.detach()  # NonFiniteGuard checks it before the optimizer step, on the device
         tokens = batch.shape[0] * (batch.shape[1] - 1)
         self.log("train/loss", loss, prog_bar=True)  # a device tensor: read (synced) at logging steps only
         world = self.trainer.world_size if self._trainer is not None else 1

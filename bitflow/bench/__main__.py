@@ -15,12 +15,14 @@ import torch
 from bitflow.bench.common import print_table
 
 BENCHES = ("train", "bitlinear", "framework", "process", "allocator", "data", "dqt", "ptq", "gap")
+# run only when asked (--only concurrency memory): real multiruns and a 20,000-step run
+EXTRA = ("concurrency", "memory")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer iterations")
-    parser.add_argument("--only", nargs="*", choices=BENCHES, default=list(BENCHES))
+    parser.add_argument("--only", nargs="*", choices=BENCHES + EXTRA, default=list(BENCHES))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

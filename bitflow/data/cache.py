@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -23,7 +24,9 @@ from tokenizers import Tokenizer
 
 from bitflow.data.sources import Source, check_split, stable_hash
 from bitflow.data.tokenizer import eos_id
-from bitflow.io import atomic_output
+from bitflow.io import atomic_output, build_lock, verify_manifest, write_manifest
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE_DIR = "~/.cache/bitflow"
@@ -112,11 +115,37 @@ def build_token_cache(
     cache_dir = Path(cache_dir).expanduser()
     fp = cache_fingerprint(source, tokenizer, split)
     bin_path, meta_path = cache_dir / f"tokens-{fp}.bin", cache_dir / f"tokens-{fp}.json"
-    if meta_path.is_file() and bin_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if bin_path.stat().st_size == meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
-            return TokenCache(bin_path, meta["num_tokens"], meta["num_documents"], meta["dtype"], hit=True)
+    cached = _cached_tokens(bin_path, meta_path)
+    if cached is not None:
+        return cached
+    with build_lock(bin_path):  # two runs at once: the second waits, then finds the first one's cache
+        cached = _cached_tokens(bin_path, meta_path)
+        return cached if cached is not None else _build(source, tokenizer, split, bin_path, meta_path, chunk_size)
 
+
+def _cached_tokens(bin_path: Path, meta_path: Path) -> TokenCache | None:
+    """The cache at ``bin_path`` if it is whole (size from its metadata, size and sha256 from its manifest);
+    None when absent or damaged (logged with its path: it is tokenized again)."""
+    if not (meta_path.is_file() and bin_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+    except (ValueError, KeyError, TypeError) as e:
+        problem = f"{meta_path} is unreadable ({e})"
+    else:
+        actual = bin_path.stat().st_size
+        problem = verify_manifest(bin_path) if actual == expected else (
+            f"{bin_path} is {actual} bytes, its metadata {meta_path.name} says {expected}: truncated")
+        if problem is None:
+            return TokenCache(bin_path, meta["num_tokens"], meta["num_documents"], meta["dtype"], hit=True)
+    log.warning("token cache: %s; tokenizing again", problem)
+    return None
+
+
+def _build(
+    source: Source, tokenizer: Tokenizer, split: str, bin_path: Path, meta_path: Path, chunk_size: int
+) -> TokenCache:
     dtype = token_dtype(tokenizer.get_vocab_size())
     start = time.perf_counter()
     num_tokens = num_docs = 0
@@ -125,6 +154,7 @@ def build_token_cache(
             ids.tofile(f)
             num_tokens += len(ids)
             num_docs += n
+    write_manifest(bin_path)
     seconds = time.perf_counter() - start
     meta = {
         "num_tokens": num_tokens,

@@ -9,6 +9,7 @@ Everything returns a plain ``tokenizers.Tokenizer``; decode with ``skip_special_
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bitflow.data.sources import Source, stable_hash
-from bitflow.io import atomic_output
+from bitflow.io import atomic_output, build_lock, verify_manifest, write_manifest
+
+log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN,)
@@ -102,12 +105,32 @@ def build_tokenizer(
         return load_tokenizer(tokenizer_path), True
     check_vocab_size(vocab_size)
     path = Path(cache_dir).expanduser() / f"tokenizer-{tokenizer_fingerprint(source, vocab_size)}.json"
-    if path.is_file():
-        return Tokenizer.from_file(str(path)), True
-    tok = train_tokenizer(source.documents("train"), vocab_size)
-    with atomic_output(path) as tmp:
-        tok.save(str(tmp))
+    cached = _cached_tokenizer(path)
+    if cached is not None:
+        return cached, True
+    with build_lock(path):  # two runs at once: the second waits, then finds the first one's tokenizer
+        cached = _cached_tokenizer(path)
+        if cached is not None:
+            return cached, True
+        tok = train_tokenizer(source.documents("train"), vocab_size)
+        with atomic_output(path) as tmp:
+            tok.save(str(tmp))
+        write_manifest(path)
     return tok, False
+
+
+def _cached_tokenizer(path: Path) -> Tokenizer | None:
+    """The cached tokenizer at ``path``; None when absent, or corrupted (logged with its path: rebuilt)."""
+    if not path.is_file():
+        return None
+    problem = verify_manifest(path)
+    if problem is None:
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # a file from before manifests existed, damaged
+            problem = f"{path} does not load ({e})"
+    log.warning("tokenizer cache: %s; training it again", problem)
+    return None
 
 
 def eos_id(tokenizer: Tokenizer) -> int:

@@ -104,9 +104,9 @@ def run_tasks(
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """global_step, epoch and tokens_seen of a checkpoint, read without loading its tensors (mmap)."""
-    import torch
+    from bitflow.checkpoint import safe_load
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = safe_load(path, mmap=True)
     meta = ckpt.get("bitflow", {}) if isinstance(ckpt, dict) else {}
     return {
         "global_step": int(ckpt.get("global_step", 0)),

@@ -1,0 +1,58 @@
+"""``trainer=fsdp`` (FSDP2 through Lightning's ModelParallelStrategy) on CPU with 2 gloo processes: the same losses
+as DDP with the same global batch, an exact resume, and a checkpoint that loads into one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitflow.config import ConfigError
+from tests.helpers import TINY, bitflow_env, compose, read_scalars
+
+RUN = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
+    "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=8", "trainer.val_check_interval=4",
+]
+
+
+def _bitflow(args: list[str], cwd: Path, cache_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bitflow.cli", *args], cwd=cwd, env=bitflow_env(cache_dir),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _losses(run: Path) -> list[float]:
+    return [v for _, v in read_scalars(run / "tb")["train/loss"]]
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_resumes_exactly_and_loads_in_one_process(tmp_path: Path, cache_dir: Path):
+    keep = ["+callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.filename='step{step}'"]
+    _bitflow([*RUN, *keep, "trainer=fsdp", f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, cache_dir)
+    _bitflow([*RUN, "trainer=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, cache_dir)
+    fsdp = _losses(tmp_path / "fsdp")
+    assert len(fsdp) == 8
+    assert fsdp == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5)
+
+    at4 = tmp_path / "fsdp" / "checkpoints" / "step4.ckpt"
+    _bitflow([*RUN, "trainer=fsdp", f"ckpt_path={at4}", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path,
+             cache_dir)
+    assert _losses(tmp_path / "resumed")[-4:] == pytest.approx(fsdp[4:], rel=1e-5)
+
+    from bitflow.lm import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")  # full weights, one process
+    assert all(not type(p).__name__.startswith("DTensor") for p in model.parameters())
+    batch = torch.randint(0, model.model.config.vocab_size, (2, 17))
+    assert torch.isfinite(model.loss(batch))
+
+
+def test_fsdp_with_a_quantization_is_refused_before_training(tiny_overrides):
+    from bitflow.cli import prepare_config
+
+    with pytest.raises(ConfigError, match="trainer=fsdp with quant.recipe='bitlinear'.*16-bit runs only"):
+        prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=ternary"]))
