@@ -76,6 +76,8 @@ def test_bitflow_generate_streams_greedy_text_and_refuses_a_too_long_prompt(toke
     eos = source.tokenizer.token_to_id("<|endoftext|>")
     expected = expected[: expected.index(eos)] if eos in expected else expected
     assert text == source.tokenizer.decode(expected, skip_special_tokens=False)
+    packed = {"ckpt": str(ckpt), "prompt": "def add(a, b):", "max_new_tokens": 8, "temperature": 0, "packed": True}
+    assert run_generate(packed, out=io.StringIO()) == text  # 2-bit codes in memory, the same greedy text
     with pytest.raises(ConfigError, match=r"prompt=.*at most the model's context of 64 tokens"):
         run_generate({"ckpt": str(ckpt), "prompt": "x = 1\n" * 60}, out=io.StringIO())
     with pytest.raises(ConfigError, match=r"top_p=1.5"):
