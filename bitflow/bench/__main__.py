@@ -14,7 +14,7 @@ import torch
 
 from bitflow.bench.common import print_table
 
-BENCHES = ("train", "allocator", "data", "bitlinear", "dqt")
+BENCHES = ("train", "allocator", "data", "bitlinear", "dqt", "generate")
 
 
 def main() -> None:

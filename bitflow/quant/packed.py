@@ -42,6 +42,12 @@ class PackedTernaryLinear(nn.Module):
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias)
 
+    def _apply(self, fn, recurse=True):  # .to(bfloat16) casts the bias, never the scale: s_w stays float32
+        scale = self._buffers["scale"]
+        out = super()._apply(fn, recurse)
+        self._buffers["scale"] = scale.to(device=self._buffers["scale"].device)
+        return out
+
     def weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight ``codes / s_w`` [out, in] in ``dtype`` (default: the original weight's)."""
         codes = unpack_ternary(self.packed, (self.out_features, self.in_features), "2bit")
