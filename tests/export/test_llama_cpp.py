@@ -146,3 +146,22 @@ def test_tq_gguf_logits_match_a_q8k_reference_tightly_and_bitflow_loosely(wide, 
     assert rel(theirs, reference) <= 1e-4
     # bitflow quantizes activations per token (8 bits over the whole row), llama.cpp per block of 256 values
     assert rel(theirs, raw) <= 2e-2  # measured 2e-3
+
+
+def test_a_transition_run_exports_and_runs_in_llama_cpp(tiny_overrides, tmp_path):
+    """`bitflow +experiment=transition_50pct`'s recipe (16-bit, then ternary at 50%) on the tiny model, exported
+    as TQ2_0 (its 32-wide rows stored f16 by tq_fallback) and run by llama.cpp."""
+    from bitflow.cli import run_training
+    from tests.helpers import compose
+
+    run_training(compose([*tiny_overrides, "quant=ternary", "transition=default", "transition.at=0.5"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    path = tmp_path / "m.gguf"
+    export_checkpoint({"ckpt": str(ckpt), "format": "gguf", "weights": "tq2_0", "tq_fallback": "f16",
+                       "out": str(path)})
+    source = load_source(ckpt)
+    assert source.quant["strength"] == {"weight": 1.0, "act": 1.0}
+    ids = source.tokenizer.encode(PROMPT).ids
+    with torch.no_grad():
+        reference = llama_cpp_reference(source, "f16")(torch.tensor([ids]))[0]  # f16 layers, no act. quant
+    assert rel(cpp_logits(path, ids), reference) <= 1e-3
