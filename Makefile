@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 DIR ?= multirun
 
-.PHONY: help install install-bench test test-unit test-full lint format train tb bench bench-gpu report clean
+.PHONY: help install install-bench install-export test test-unit test-full lint format train tb bench bench-gpu report clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ install:  ## install torch==2.13.0 (CPU wheel), then bitflow with its dev extras
 
 install-bench:  ## install the bench-only extras (HF transformers, the seed authors' bitlinear)
 	$(PYTHON) -m pip install -e ".[dev,bench]"
+
+install-export:  ## build llama-cpp-python from source (CPU, portable; ~8 min on 2 cores) for the llama.cpp tests
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(PYTHON) -m pip install --no-binary llama-cpp-python -e ".[dev,export]"
 
 test:  ## run the test suite (without tests marked slow), ~10 min on 2 CPU cores
 	$(PYTHON) -m pytest -q

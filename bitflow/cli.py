@@ -174,6 +174,13 @@ def prepare_config(cfg: DictConfig, explicit: set[str] | None = None) -> None:
     scaling of step-valued defaults, ``trainer.precision: auto``, every value check, the resume checks.
     Raises :class:`~bitflow.config.ConfigError`. ``explicit``: keys set on the command line (default: Hydra's)."""
     explicit = explicit_keys() if explicit is None else explicit
+    if "path" in cfg.model.keys():  # model=hf: a pretrained Hugging Face directory sets the architecture and tokenizer
+        from bitflow.export.hf import resolve_hf_model
+
+        try:
+            resolve_hf_model(cfg)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
     with config_errors():
         changes = fit_short_run(cfg, explicit)  # a bad trainer.max_steps changes nothing; check_config names it
         if changes:
@@ -266,6 +273,11 @@ def _fit(cfg: DictConfig, rollbacks: int = 0) -> dict[str, float]:
         quant=to_plain(cfg.get("quant")),
     )
     model.data_config = to_plain(cfg.data)  # recorded in every checkpoint (bitflow-ptq calibrates on it)
+    if cfg.get("init_from") and cfg.get("ckpt_path") is None:  # model=hf: start from the pretrained weights
+        from bitflow.export.hf import load_hf_weights
+
+        load_hf_weights(model.model, cfg.init_from)
+        log.info("model: weights loaded from %s", cfg.init_from)
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
-    "atomic_output", "atomic_write_bytes", "atomic_write_text", "build_lock", "manifest_path", "verify_manifest",
-    "write_manifest",
+    "atomic_directory", "atomic_output", "atomic_write_bytes", "atomic_write_text", "build_lock", "manifest_path",
+    "verify_manifest", "write_manifest",
 ]
 
 
@@ -60,6 +60,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically; returns ``path``."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new empty temporary folder next to ``path``; when the block succeeds, rename it to ``path``
+    (replacing an existing ``path`` only with ``overwrite``); when it raises, delete it, leaving ``path`` as it
+    was. FileExistsError before anything is written if ``path`` exists and ``overwrite`` is false."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ manifests

@@ -14,7 +14,7 @@ import torch
 
 from bitflow.bench.common import print_table
 
-BENCHES = ("train", "bitlinear", "framework", "process", "allocator", "data", "dqt", "ptq", "gap")
+BENCHES = ("train", "bitlinear", "framework", "process", "allocator", "data", "dqt", "ptq", "gap", "generate")
 # run only when asked (--only concurrency memory): real multiruns and a 20,000-step run
 EXTRA = ("concurrency", "memory")
 

@@ -287,28 +287,25 @@ class BitflowLM(TemplateLM):
     def _greedy(self, contexts: list[list[int]], max_new: int, until: list[str]) -> list[str]:
         """Greedy decoding of contexts that all have the same length; each row stops at EOS, at a stop string,
         or after ``max_new`` tokens. The text is cut before the first stop string."""
-        rows = [list(c) for c in contexts]
-        generated: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
-        for _ in range(max_new):
-            inputs = torch.tensor(
-                [r[-self.max_length :] for r in rows], dtype=torch.long, device=self._device
-            )
-            with autocast_context(self._device, self.precision):
-                logits = self.model(inputs)[:, -1]
-            next_ids = logits.float().argmax(dim=-1).tolist()
-            for k, tok in enumerate(next_ids):
-                if done[k]:
-                    continue
-                rows[k].append(tok)
-                if tok == self._eot_id:
-                    done[k] = True
-                    continue
-                generated[k].append(tok)
-                if until and any(s in self.tok_decode(generated[k]) for s in until):
-                    done[k] = True
-            if all(done):
-                break
+        from bitflow.generate import generate_tokens
+
+        generated: list[list[int]] = [[] for _ in contexts]
+        done = [False] * len(contexts)
+        with autocast_context(self._device, self.precision):
+            # KV cache (bitflow.generate, as bitflow-generate); the window slides past max_length tokens
+            steps = generate_tokens(self.model, contexts, max_new, context=self.max_length, slide=True)
+            for next_ids in steps:
+                for k, tok in enumerate(next_ids.tolist()):
+                    if done[k]:
+                        continue
+                    if tok == self._eot_id:
+                        done[k] = True
+                        continue
+                    generated[k].append(tok)
+                    if until and any(s in self.tok_decode(generated[k]) for s in until):
+                        done[k] = True
+                if all(done):
+                    break
         texts = []
         for gen in generated:
             text = self.tok_decode(gen)

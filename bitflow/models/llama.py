@@ -102,6 +102,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for generation without recomputing the prefix.
+
+    Tensors [B, n_kv_heads, max_seq_len, head_dim] are allocated on first use; ``length`` is the number of cached
+    positions (the position of the next token). :meth:`Llama.forward` with a cache reads and extends it.
+    """
+
+    def __init__(self, n_layers: int, max_seq_len: int) -> None:
+        self.max_seq_len = max_seq_len
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``k``/``v`` [B, H, t, D] of ``layer`` after the cached ones; all keys/values so far."""
+        start, t = self.length, k.shape[2]
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_seq_len, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, start : start + t] = k
+        self.values[layer][:, :, start : start + t] = v
+        return self.keys[layer][:, :, : start + t], self.values[layer][:, :, : start + t]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -111,14 +136,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        mask, causal = None, True
+        if cache is not None and cache.length > 0:  # new tokens attend to every cached one and causally among them
+            start = cache.length
+            k, v = cache.update(layer, k, v)
+            causal = False
+            if t > 1:
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        elif cache is not None:
+            cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -144,8 +180,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -188,16 +226,27 @@ class Llama(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states [B, T, d_model] (before the LM head)."""
+    def new_cache(self) -> KVCache:
+        """An empty :class:`KVCache` for this model (generation: prefill the prompt, then one token per call)."""
+        return KVCache(self.config.n_layers, self.config.max_seq_len)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, d_model] (before the LM head). With ``cache``, ``idx`` continues the
+        cached tokens (positions ``cache.length ...``) and the cache is extended by it."""
         t = idx.shape[1]
-        if t > self.config.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {start + t} exceeds the model's max_seq_len={self.config.max_seq_len}"
+            )
         x = self.tok_emb(idx)
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length = start + t
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab_size]; with ``cache`` see :meth:`hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, cache))

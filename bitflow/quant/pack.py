@@ -58,6 +58,10 @@ def unpack_ternary(packed: Tensor, shape: tuple[int, ...] | torch.Size, layout: 
             f"unpack_ternary needs a 1-D uint8 tensor of ceil({numel} / {per_byte}) bytes for shape {tuple(shape)}, "
             f"got {packed.dtype} of shape {tuple(packed.shape)}"
         )
-    weights = radix ** torch.arange(per_byte, dtype=torch.int16, device=packed.device)
-    digits = (packed.to(torch.int16).unsqueeze(1) // weights) % radix
-    return (digits.reshape(-1)[:numel] - 1).to(torch.int8).reshape(shape)
+    if radix == 4:  # 2 bits a code: shifts and a mask, no integer division (the packed linear's hot path)
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
+        digits = (packed.unsqueeze(1) >> shifts) & 3
+    else:
+        weights = radix ** torch.arange(per_byte, dtype=torch.int16, device=packed.device)
+        digits = (packed.to(torch.int16).unsqueeze(1) // weights) % radix
+    return (digits.reshape(-1)[:numel].to(torch.int8) - 1).reshape(shape)
