@@ -76,13 +76,16 @@ def check_resume(cfg: DictConfig) -> None:
     from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
     from bitflow.models.llama import LlamaConfig
 
+    from bitflow.tasks import task_name
+
     ckpt = read_checkpoint(cfg.ckpt_path, mmap=True)
     saved_model = ckpt[CHECKPOINT_KEY]["model_config"]
     # the vocabulary comes from the tokenizer (the checkpoint carries it); every other field from this config
-    check_same_model(
-        LlamaConfig.from_dict({**to_plain(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
-        saved_model,
-    )
+    if task_name(cfg) == "causal_lm":  # other tasks: run_training compares the built model (the data sizes it)
+        check_same_model(
+            LlamaConfig.from_dict({**to_plain(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
+            saved_model,
+        )
     check_resume_quant(cfg, ckpt)
     saved_steps = ckpt[CHECKPOINT_KEY].get("max_steps")
     run = checkpoint_run_dir(cfg.ckpt_path)
@@ -169,6 +172,11 @@ def plan_layers(cfg: DictConfig) -> list[str]:
     from bitflow.models.llama import Llama, LlamaConfig
     from bitflow.quant.recipes import recipe_from_config
 
+    from bitflow.tasks import plan_layers as plan_task_layers
+    from bitflow.tasks import task_name
+
+    if task_name(cfg) != "causal_lm":
+        return plan_task_layers(cfg)
     recipe = recipe_from_config(to_plain(cfg.get("quant")))
     if recipe is None:
         return []
@@ -196,14 +204,20 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
     with config_errors():
         plan_layers(cfg)
         datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
-    model = LanguageModel(
-        model={**to_plain(cfg.model), "vocab_size": datamodule.vocab_size},
-        optimizer=to_plain(cfg.optimizer),
-        scheduler=to_plain(cfg.scheduler),
-        compile=cfg.get("compile", False),
-        tokenizer_json=datamodule.tokenizer_json,
-        quant=to_plain(cfg.get("quant")),
-    )
+    from bitflow.tasks import build_module, task_name
+
+    if task_name(cfg) == "causal_lm":
+        model = LanguageModel(
+            model={**to_plain(cfg.model), "vocab_size": datamodule.vocab_size},
+            optimizer=to_plain(cfg.optimizer),
+            scheduler=to_plain(cfg.scheduler),
+            compile=cfg.get("compile", False),
+            tokenizer_json=datamodule.tokenizer_json,
+            quant=to_plain(cfg.get("quant")),
+        )
+    else:  # the task's LightningModule (bitflow.tasks), sized by the data
+        with config_errors():
+            model = build_module(cfg, datamodule)
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
 
