@@ -198,6 +198,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         batch_size: training examples per batch.
         vocab_size: the BPE's vocabulary = the number of features (ignored with ``tokenizer_path``).
         tokenizer_path: a ``tokenizer.json`` to use instead of the one trained on the corpus.
+        tokenizer_max_files: train the stdlib BPE on this many files (``data.source.max_files`` of data=stdlib;
+            the same tokenizer and cache entry); null = all.
         cache_dir: tokenizer and feature cache.
         seed: seed of the batch draws.
         min_files, max_per_class, val_fraction: the stdlib set (see the module docstring).
@@ -210,6 +212,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         batch_size: int = 32,
         vocab_size: int = 8192,
         tokenizer_path: str | None = None,
+        tokenizer_max_files: int | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
         min_files: int = 20,
@@ -230,6 +233,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         check_int("data.batch_size", batch_size, 1)
         check_int("data.seed", seed, 0)
         check_int("data.min_files", min_files, 1)
+        check_int("data.tokenizer_max_files", tokenizer_max_files, 1, allow_none=True)
+        self.tokenizer_max_files = tokenizer_max_files
         check_int("data.max_per_class", max_per_class, 1, allow_none=True)
         check_int("data.max_examples", max_examples, 1, allow_none=True)
         check_int("data.val_batch_size", val_batch_size, 1)
@@ -256,7 +261,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             if self.tokenizer_path is not None:
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
             else:
-                source = StdlibSource() if self.dataset == "stdlib" else self._hf_source()
+                source = StdlibSource(max_files=self.tokenizer_max_files) if self.dataset == "stdlib" else self._hf_source()
                 self._tokenizer, _ = build_tokenizer(source, self.requested_vocab_size, self.cache_dir)
         return self._tokenizer
 

@@ -143,7 +143,7 @@ class NodeClassificationDataModule(L.LightningDataModule):
     Args:
         dataset: ``stdlib`` (offline) or ``Cora``/``CiteSeer``/``PubMed`` (torch-geometric, downloaded once).
         vocab_size: the BPE's vocabulary = the number of node features of the stdlib graph.
-        tokenizer_path, cache_dir: as for the token data; Planetoid graphs are stored under
+        tokenizer_path, tokenizer_max_files, cache_dir: as for text classification; Planetoid graphs under
             ``cache_dir/planetoid``.
         min_files, max_per_class, val_fraction: the stdlib graph (see the module docstring).
     """
@@ -153,6 +153,7 @@ class NodeClassificationDataModule(L.LightningDataModule):
         dataset: str = "stdlib",
         vocab_size: int = 8192,
         tokenizer_path: str | None = None,
+        tokenizer_max_files: int | None = None,
         cache_dir: str | None = None,
         min_files: int = 20,
         max_per_class: int | None = 120,
@@ -162,6 +163,8 @@ class NodeClassificationDataModule(L.LightningDataModule):
         if dataset != "stdlib" and dataset not in PLANETOID:
             raise ValueError(f"data.dataset={dataset!r} is not allowed; allowed: stdlib, {', '.join(PLANETOID)}")
         check_int("data.min_files", min_files, 1)
+        check_int("data.tokenizer_max_files", tokenizer_max_files, 1, allow_none=True)
+        self.tokenizer_max_files = tokenizer_max_files
         check_int("data.max_per_class", max_per_class, 1, allow_none=True)
         self.val_fraction = check_fraction("data.val_fraction", val_fraction)
         self.dataset, self.requested_vocab_size, self.tokenizer_path = dataset, vocab_size, tokenizer_path
@@ -179,7 +182,7 @@ class NodeClassificationDataModule(L.LightningDataModule):
             if self.tokenizer_path is not None:
                 tok = load_tokenizer(self.tokenizer_path)
             else:
-                tok, _ = build_tokenizer(StdlibSource(), self.requested_vocab_size, self.cache_dir)
+                tok, _ = build_tokenizer(StdlibSource(max_files=self.tokenizer_max_files), self.requested_vocab_size, self.cache_dir)
             self.tokenizer_json = tok.to_str()
             graph, classes, origin = stdlib_graph(tok, self.cache_dir, self.min_files, self.max_per_class,
                                                   self.val_fraction)

@@ -95,6 +95,10 @@ def _presets(family: str) -> list[str]:
     return out
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def check_family(cfg: DictConfig) -> Task:
     """The run's task, after checking that ``model`` is of the family it trains (a clear error otherwise)."""
     task = TASKS[task_name(cfg)]
@@ -102,8 +106,8 @@ def check_family(cfg: DictConfig) -> Task:
     if family != task.family:
         presets = ", ".join(f"model={p}" for p in _presets(task.family))
         raise ValueError(
-            f"task={task.name} trains a {task.family} model, but model.family={family!r}"
-            f"{' (a Llama decoder preset)' if family == 'decoder' else ''}; pick a {task.family} preset ({presets})"
+            f"task={task.name} trains {_a(task.family)} model, but model.family={family!r}"
+            f"{' (a Llama decoder preset)' if family == 'decoder' else ''}; pick {_a(task.family)} preset ({presets})"
             f" or the task of this model ({', '.join('task=' + t.name for t in TASKS.values() if t.family == family)})"
         )
     return task
@@ -124,7 +128,8 @@ def check_task_config(cfg: DictConfig) -> None:
     from bitflow.config import check_int, config_errors
 
     task = check_family(cfg)
-    with config_errors("model", [*_plain(cfg.model)]):
+    owner = FAMILIES[task.family][1].rpartition(":")[2]  # LlamaConfig.d_model -> model.d_model in messages
+    with config_errors("model", [*_plain(cfg.model)], owner=owner):
         config = model_config(cfg, **DATA_FIELDS)
     options = _plain(cfg.get("task"))
     if task.family in ("encoder", "encdec"):
