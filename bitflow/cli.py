@@ -75,11 +75,14 @@ def check_resume(cfg: DictConfig) -> None:
     continues the run it resumes."""
     from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
     from bitflow.models.llama import LlamaConfig
-
     from bitflow.tasks import task_name
 
     ckpt = read_checkpoint(cfg.ckpt_path, mmap=True)
     saved_model = ckpt[CHECKPOINT_KEY]["model_config"]
+    saved_task = ckpt[CHECKPOINT_KEY].get("task", "causal_lm")
+    if saved_task != task_name(cfg):
+        raise ConfigError(f"resuming {cfg.ckpt_path}: the checkpoint was trained with task={saved_task}, this run has "
+                          f"task={task_name(cfg)}; resume with the task (and model) of the original run")
     # the vocabulary comes from the tokenizer (the checkpoint carries it); every other field from this config
     if task_name(cfg) == "causal_lm":  # other tasks: run_training compares the built model (the data sizes it)
         check_same_model(
@@ -171,7 +174,6 @@ def plan_layers(cfg: DictConfig) -> list[str]:
 
     from bitflow.models.llama import Llama, LlamaConfig
     from bitflow.quant.recipes import recipe_from_config
-
     from bitflow.tasks import plan_layers as plan_task_layers
     from bitflow.tasks import task_name
 

@@ -26,8 +26,9 @@ pytest.importorskip("torch_geometric")
 
 COMMON = ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.precision=32-true",
           "scheduler.warmup_steps=0"]
-# the tiny tokenizer of tests/helpers.TINY (same corpus and vocabulary: the same cache entry)
-SMALL_SETS = ["data.tokenizer_max_files=60", "data.vocab_size=320", "data.min_files=20", "data.max_per_class=12"]
+# a BPE of 2048 tokens on 200 stdlib files (quick to train; with 320 tokens the bags of tokens do not separate the
+# packages)
+SMALL_SETS = ["data.tokenizer_max_files=200", "data.vocab_size=2048", "data.min_files=20", "data.max_per_class=12"]
 TASKS = {
     "text_classification": [*SMALL_SETS, "model.d_hidden=64", "optimizer.lr=1e-2", "optimizer.weight_decay=0"],
     "node_classification": [*SMALL_SETS, "optimizer.lr=5e-2", "optimizer.weight_decay=0"],
@@ -46,7 +47,8 @@ def overrides(task: str, cache_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ training
-@pytest.mark.parametrize("task", ["text_classification", "node_classification", "node_classification/gcn"])
+@pytest.mark.parametrize("task", ["text_classification", "node_classification",
+                                  pytest.param("node_classification/gcn", marks=pytest.mark.slow)])
 def test_classifiers_train_and_beat_the_majority_baseline(task: str, cache_dir: Path, tmp_path: Path):
     cfg = compose(overrides(task, cache_dir, tmp_path, "trainer.max_steps=40", "trainer.val_check_interval=20"))
     dm = instantiate(cfg.data)
@@ -59,7 +61,7 @@ def test_classifiers_train_and_beat_the_majority_baseline(task: str, cache_dir: 
     assert dm.n_classes >= 5 and baseline < 0.5
     run_training(cfg)
     scalars = read_scalars(tmp_path / "tb")
-    assert [s for s, _ in scalars["val/acc"]] == [20, 40]
+    assert len(scalars["val/acc"]) == 2  # two validations
     assert scalars["val/acc"][-1][1] > baseline + 0.1
     assert 0 < scalars["val/macro_f1"][-1][1] <= 1 and "val/loss" in scalars and "train/loss" in scalars
 
@@ -122,11 +124,8 @@ SWITCHED = {
                                         ("mlm", "keep"), ("span_corruption", "keep")])
 def test_mid_run_switch_keeps_the_parameters(task: str, mode: str, cache_dir: Path, tmp_path: Path):
     cfg = compose(overrides(task, cache_dir, tmp_path, "trainer.max_steps=4", "quant=ternary_median"))
-    recipe_cfg = to_plain(cfg.quant)
-    from bitflow.quant.recipes import recipe_from_config
-
-    probe, module = fit_with_probe(cfg, PrecisionTransition(at=2, optimizer_state=mode, quant=recipe_from_config(
-        recipe_cfg), spike_window=1), tmp_path)
+    transition = PrecisionTransition(at=2, optimizer_state=mode, quant=to_plain(cfg.quant), spike_window=1)
+    probe, module = fit_with_probe(cfg, transition, tmp_path)
     ids = probe.start[0]["param_ids"]
     assert all(probe.start[s]["param_ids"] == ids for s in range(4))  # the same Parameters throughout
     assert probe.start[2]["opt_param_ids"] == sorted(ids.values())
@@ -151,7 +150,7 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("task", ["node_classification", "text_classification"])
+@pytest.mark.parametrize("task", ["node_classification", pytest.param("text_classification", marks=pytest.mark.slow)])
 def test_resume_matches_the_uninterrupted_run(task: str, cache_dir: Path, tmp_path: Path):
     common = overrides(task, cache_dir, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=3",
                        "+callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=-1",
@@ -171,7 +170,7 @@ def test_resume_matches_the_uninterrupted_run(task: str, cache_dir: Path, tmp_pa
         a, b = full["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]
         assert set(a) == set(b) and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
     # a checkpoint of one task does not resume another
-    with pytest.raises(ValueError, match="task"):
+    with pytest.raises(ConfigError, match=r"the checkpoint was trained with task=\w+, this run has task="):
         other = "node_classification" if task == "text_classification" else "text_classification"
         run_training(compose([*overrides(other, cache_dir, tmp_path / "x", "trainer.max_steps=6", "quant=ternary",
                                          "transition=default", "transition.at=3"),
