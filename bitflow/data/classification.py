@@ -261,7 +261,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             if self.tokenizer_path is not None:
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
             else:
-                source = StdlibSource(max_files=self.tokenizer_max_files) if self.dataset == "stdlib" else self._hf_source()
+                stdlib = self.dataset == "stdlib"
+                source = StdlibSource(max_files=self.tokenizer_max_files) if stdlib else self._hf_source()
                 self._tokenizer, _ = build_tokenizer(source, self.requested_vocab_size, self.cache_dir)
         return self._tokenizer
 

@@ -182,7 +182,8 @@ class NodeClassificationDataModule(L.LightningDataModule):
             if self.tokenizer_path is not None:
                 tok = load_tokenizer(self.tokenizer_path)
             else:
-                tok, _ = build_tokenizer(StdlibSource(max_files=self.tokenizer_max_files), self.requested_vocab_size, self.cache_dir)
+                source = StdlibSource(max_files=self.tokenizer_max_files)
+                tok, _ = build_tokenizer(source, self.requested_vocab_size, self.cache_dir)
             self.tokenizer_json = tok.to_str()
             graph, classes, origin = stdlib_graph(tok, self.cache_dir, self.min_files, self.max_per_class,
                                                   self.val_fraction)
