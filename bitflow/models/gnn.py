@@ -64,8 +64,8 @@ class GNN(nn.Module):
 
         self.config = config
         if config.arch == "sgc":
-            # not cached: the propagation is recomputed each step (cheap here) so train/val/resume see one path
-            self.convs = nn.ModuleList([SGConv(config.in_features, config.n_classes, K=config.K)])
+            # cached: S^K X is computed at the first forward and reused (one fixed graph per run: transductive)
+            self.convs = nn.ModuleList([SGConv(config.in_features, config.n_classes, K=config.K, cached=True)])
         else:
             self.convs = nn.ModuleList(
                 [GCNConv(config.in_features, config.d_hidden), GCNConv(config.d_hidden, config.n_classes)]

@@ -35,8 +35,8 @@ def runs(root: Path) -> list[dict]:
         cfg = OmegaConf.load(cfg_file)
         family = cfg.model.get("family", "decoder")
         scalars = read_scalars(run)
-        if "val/loss" not in scalars:
-            continue
+        if "val/loss" not in scalars or scalars["val/loss"][-1][0] < cfg.trainer.max_steps - 1:
+            continue  # not finished
         recipe = cfg.quant.get("recipe", "none")
         quant = "none" if recipe == "none" else cfg.quant.get("weight_scale")
         width = cfg.model.get("d_model") or cfg.model.get("d_hidden")
