@@ -64,6 +64,14 @@ def test_classifiers_train_and_beat_the_majority_baseline(task: str, cache_dir: 
     assert len(scalars["val/acc"]) == 2  # two validations
     assert scalars["val/acc"][-1][1] > baseline + 0.1
     assert 0 < scalars["val/macro_f1"][-1][1] <= 1 and "val/loss" in scalars and "train/loss" in scalars
+    # bitflow-report reads the run: val/loss and the task's metrics in its table
+    from bitflow.report import make_report
+
+    report = make_report([tmp_path], tmp_path / "report")
+    (row,) = report["rows"]
+    assert row["final_val_loss"] == pytest.approx(scalars["val/loss"][-1][1])
+    assert row["val/acc"] == pytest.approx(scalars["val/acc"][-1][1])
+    assert "| val/acc | val/macro_f1 |" in report["markdown"].read_text()
 
 
 @pytest.mark.slow
