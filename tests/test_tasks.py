@@ -4,6 +4,7 @@ resumes exactly, logs its metrics under val/; bad input fails before training wi
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -240,3 +241,20 @@ def test_hf_dataset_without_the_label_column_or_offline_is_a_clear_error(tmp_pat
     dm = TextClassificationDataModule("no-such-dataset-xyz", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"data.dataset='no-such-dataset-xyz'.* could not be loaded .*network"):
         dm.prepare_data()
+
+
+@pytest.mark.parametrize("name, runs", [("when158_mlp", 9), ("when158_gnn", 18), ("when158_encoder", 27),
+                                        ("when158_encdec", 27)])
+def test_when158_experiments_sweep_every_combination_and_each_passes_the_checks(name: str, runs: int):
+    from tests.test_experiments import _compose_with_hydra, _sweep
+
+    sweep = _sweep(_compose_with_hydra([f"+experiment={name}"]))
+    assert math.prod(len(v) for v in sweep.values()) == runs
+    assert sweep["quant"] == ["none", "ternary", "ternary_median"] and sweep["seed"] == [1, 2, 3]
+    if name in ("when158_encoder", "when158_encdec"):
+        assert sweep["model.d_model"] == [32, 64, 128]  # hidden size x1, x2, x4
+    combos = list(itertools.product(*sweep.values()))
+    for combo in [combos[0], combos[-1]]:  # every combination: experiments/when_158_enough/run.sh runs them
+        cfg = compose([f"+experiment={name}", *(f"{k}={v}" for k, v in zip(sweep, combo, strict=True))])
+        prepare_config(cfg, explicit=set())
+        assert cfg.task_name == name
