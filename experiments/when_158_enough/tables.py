@@ -40,7 +40,8 @@ def runs(root: Path) -> list[dict]:
         recipe = cfg.quant.get("recipe", "none")
         quant = "none" if recipe == "none" else cfg.quant.get("weight_scale")
         width = cfg.model.get("d_model") or cfg.model.get("d_hidden")
-        out.append({"family": family, "arch": cfg.model.get("arch", family), "width": width, "quant": quant,
+        arch = f"{cfg.model.get('arch', family)}, {cfg.trainer.max_steps} steps"
+        out.append({"family": family, "arch": arch, "width": width, "quant": quant,
                     "seed": cfg.seed, "steps": scalars["val/loss"][-1][0],
                     **{m: scalars[m][-1][1] for m in METRICS[family] if m in scalars}})
     return out
@@ -62,41 +63,47 @@ def table(records: list[dict], family: str) -> tuple[str, dict]:
             for m in METRICS[family]:
                 if m in r:
                     cells[(r["arch"], r["width"], r["quant"])][m].append(r[m])
-    order = sorted(cells, key=lambda k: (k[0], k[1], list(QUANT).index(k[2])))
-    head = "| model | width | weights | " + " | ".join(METRICS[family]) + " |"
+    order = sorted(cells, key=lambda k: (k[0], k[1] or 0, list(QUANT).index(k[2])))
+    head = "| model, budget | width | weights | " + " | ".join(METRICS[family]) + " |"
     lines = [f"### {TITLES[family]}", "", head, "|" + "---|" * (3 + len(METRICS[family]))]
     for key in order:
         arch, width, quant = key
-        lines.append(f"| {arch} | {width} | {QUANT[quant]} | " + " | ".join(fmt(cells[key][m]) for m in METRICS[family])
+        lines.append(f"| {arch} | {width or '–'} | {QUANT[quant]} | " + " | ".join(fmt(cells[key][m]) for m in METRICS[family])
                      + " |")
     return "\n".join(lines) + "\n", cells
 
 
 def plot(cells_by_family: dict[str, dict], out: Path) -> None:
+    """MLP and GNN: bars per model and weights; encoder and encoder-decoder: the metric against the hidden size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, family in zip(axes, ("mlp", "gnn", "encoder", "encdec"), strict=True):
         metric = METRICS[family][0]
         cells = cells_by_family.get(family, {})
         archs = sorted({k[0] for k in cells})
-        for quant, marker in zip(QUANT, "osd", strict=True):
-            for arch in archs:
-                keys = sorted(k for k in cells if k[0] == arch and k[2] == quant)
-                if not keys:
-                    continue
-                xs = [k[1] for k in keys]
-                ys = [statistics.mean(cells[k][metric]) for k in keys]
-                es = [statistics.stdev(cells[k][metric]) if len(cells[k][metric]) > 1 else 0 for k in keys]
-                label = f"{arch} {QUANT[quant]}" if len(archs) > 1 else QUANT[quant]
-                ax.errorbar(xs if len(xs) > 1 else [xs[0] * (1 + 0.04 * list(QUANT).index(quant))], ys, yerr=es,
-                            marker=marker, capsize=3, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("hidden size")
-        ax.set_ylabel(metric)
+        for qi, quant in enumerate(QUANT):
+            keys = [k for k in sorted(cells, key=str) if k[2] == quant]
+            if not keys:
+                continue
+            if family in ("mlp", "gnn"):
+                xs = [archs.index(k[0]) + 0.27 * (qi - 1) for k in keys]
+                ys, es = zip(*(stats(cells[k][metric]) for k in keys), strict=True)
+                ax.bar(xs, ys, width=0.25, yerr=es, capsize=3, label=QUANT[quant])
+                ax.set_xticks(range(len(archs)), archs)
+            else:
+                keys.sort(key=lambda k: k[1])
+                ys, es = zip(*(stats(cells[k][metric]) for k in keys), strict=True)
+                ax.errorbar([k[1] for k in keys], ys, yerr=es, marker="osd"[qi], capsize=3, label=QUANT[quant])
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("hidden size d_model")
+        ax.set_ylabel(f"final {metric} (mean ± sd over seeds)")
         ax.set_title(TITLES[family], fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
