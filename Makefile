@@ -9,9 +9,9 @@ DIR ?= multirun
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-install:  ## install torch==2.13.0 (CPU wheel), then bitflow with its dev extras (editable)
+install:  ## install torch==2.13.0 (CPU wheel), then bitflow with its dev and graph extras (editable)
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,graph]"
 
 install-bench:  ## install the bench-only extras (HF transformers, the seed authors' bitlinear)
 	$(PYTHON) -m pip install -e ".[dev,bench]"

@@ -104,14 +104,20 @@ def check_resume(cfg: DictConfig) -> None:
     continues the run it resumes."""
     from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
     from bitflow.models.llama import LlamaConfig
+    from bitflow.tasks import task_name
 
     ckpt = read_checkpoint(cfg.ckpt_path, mmap=True)
     saved_model = ckpt[CHECKPOINT_KEY]["model_config"]
+    saved_task = ckpt[CHECKPOINT_KEY].get("task", "causal_lm")
+    if saved_task != task_name(cfg):
+        raise ConfigError(f"resuming {cfg.ckpt_path}: the checkpoint was trained with task={saved_task}, this run has "
+                          f"task={task_name(cfg)}; resume with the task (and model) of the original run")
     # the vocabulary comes from the tokenizer (the checkpoint carries it); every other field from this config
-    check_same_model(
-        LlamaConfig.from_dict({**to_plain(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
-        saved_model,
-    )
+    if task_name(cfg) == "causal_lm":  # other tasks: run_training compares the built model (the data sizes it)
+        check_same_model(
+            LlamaConfig.from_dict({**to_plain(cfg.model), "vocab_size": saved_model["vocab_size"]}).to_dict(),
+            saved_model,
+        )
     check_resume_quant(cfg, ckpt)
     saved_steps = ckpt[CHECKPOINT_KEY].get("max_steps")
     run = checkpoint_run_dir(cfg.ckpt_path)
@@ -207,7 +213,11 @@ def plan_layers(cfg: DictConfig) -> list[str]:
 
     from bitflow.models.llama import Llama, LlamaConfig
     from bitflow.quant.recipes import recipe_from_config
+    from bitflow.tasks import plan_layers as plan_task_layers
+    from bitflow.tasks import task_name
 
+    if task_name(cfg) != "causal_lm":
+        return plan_task_layers(cfg)
     recipe = recipe_from_config(to_plain(cfg.get("quant")))
     if recipe is None:
         return []
@@ -264,14 +274,20 @@ def _fit(cfg: DictConfig, rollbacks: int = 0) -> dict[str, float]:
     with config_errors():
         plan_layers(cfg)
         datamodule.prepare_data()  # tokenizer + token cache; a no-op once cached
-    model = LanguageModel(
-        model={**to_plain(cfg.model), "vocab_size": datamodule.vocab_size},
-        optimizer=to_plain(cfg.optimizer),
-        scheduler=to_plain(cfg.scheduler),
-        compile=cfg.get("compile", False),
-        tokenizer_json=datamodule.tokenizer_json,
-        quant=to_plain(cfg.get("quant")),
-    )
+    from bitflow.tasks import build_module, task_name
+
+    if task_name(cfg) == "causal_lm":
+        model = LanguageModel(
+            model={**to_plain(cfg.model), "vocab_size": datamodule.vocab_size},
+            optimizer=to_plain(cfg.optimizer),
+            scheduler=to_plain(cfg.scheduler),
+            compile=cfg.get("compile", False),
+            tokenizer_json=datamodule.tokenizer_json,
+            quant=to_plain(cfg.get("quant")),
+        )
+    else:  # the task's LightningModule (bitflow.tasks), sized by the data
+        with config_errors():
+            model = build_module(cfg, datamodule)
     model.data_config = to_plain(cfg.data)  # recorded in every checkpoint (bitflow-ptq calibrates on it)
     if cfg.get("init_from") and cfg.get("ckpt_path") is None:  # model=hf: start from the pretrained weights
         from bitflow.export.hf import load_hf_weights

@@ -285,9 +285,17 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     max_steps = cfg.trainer.max_steps
     data, model = cfg.data, cfg.model
-    check_data(data)
+    from bitflow.tasks import check_family, check_task_config
+
+    with config_errors():
+        task = check_family(cfg)  # the task and its model family (task=..., model=...)
+    if task.name != "causal_lm":
+        with config_errors():
+            check_task_config(cfg)
+    else:
+        check_data(data)
     seq_len, context = data.get("seq_len"), model.get("max_seq_len")
-    if isinstance(context, int) and seq_len > context:
+    if task.name == "causal_lm" and isinstance(context, int) and seq_len > context:
         raise ConfigError(
             f"data.seq_len={seq_len} is longer than the model's context model.max_seq_len={context}; "
             f"use data.seq_len<={context} or raise model.max_seq_len"
@@ -329,7 +337,8 @@ def check_config(cfg: DictConfig) -> None:
         fail(f"model.{unknown[0]}", fields[unknown[0]], f"the LlamaConfig fields {known}")
     with config_errors("model", fields, owner="LlamaConfig"):
         # the vocabulary size comes from the tokenizer later; a placeholder validates every other field now
-        LlamaConfig.from_dict({**fields, "vocab_size": 1})
+        if task.name == "causal_lm":  # (the other tasks' models were checked by check_task_config)
+            LlamaConfig.from_dict({**fields, "vocab_size": 1})
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt!r} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")

@@ -86,7 +86,7 @@ class LanguageModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer_json"])
-        self.model = Llama(LlamaConfig.from_dict(dict(model)))
+        self.model = self.build_model(dict(model))
         self.optimizer_cfg = dict(optimizer or {})
         self.scheduler_cfg = dict(scheduler or {})
         self.tokenizer_json = tokenizer_json
@@ -116,6 +116,11 @@ class LanguageModel(L.LightningModule):
             fully_shard(block, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
         self._sharded = True
+
+    def build_model(self, config: dict[str, Any]) -> nn.Module:
+        """The plain ``nn.Module`` this LightningModule trains, from the ``model`` config (the tasks of
+        :mod:`bitflow.tasks` build their own families)."""
+        return Llama(LlamaConfig.from_dict(config))
 
     # ---------------------------------------------------------------- forward and loss
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

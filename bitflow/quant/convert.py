@@ -15,9 +15,36 @@ from collections.abc import Iterable
 import torch.nn as nn
 
 from bitflow.quant.bitlinear import _DEFAULT_OPTIONS, _OPTION_NAMES, BitLinear, _validate_options
-from bitflow.quant.select import first_names, match_name, replace_modules, select_layers
+from bitflow.quant.select import first_names, linear_kinds, match_name, replace_modules, select_layers
 
-__all__ = ["bitlinear_targets", "match_name", "to_bitlinear", "to_linear"]
+__all__ = ["as_linear", "bitlinear_targets", "match_name", "to_bitlinear", "to_linear"]
+
+
+def _plain_linear(in_features: int, out_features: int, weight: nn.Parameter, bias: nn.Parameter | None,
+                  training: bool) -> nn.Linear:
+    """An ``nn.Linear`` holding the given Parameters (no copy, no new init)."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = in_features, out_features
+    linear.weight = weight
+    linear.bias = bias
+    linear.train(training)
+    return linear
+
+
+def as_linear(module: nn.Module, name: str = "") -> nn.Linear:
+    """``module`` as an ``nn.Linear`` over the very same Parameters: itself if it is one; a torch-geometric
+    ``Linear`` (``y = x W^T + b``, weight [out, in], as in its convolutions) as an equivalent ``nn.Linear``.
+    Raises ``ValueError`` naming the layer for anything else, or for a lazy layer not initialised yet."""
+    if isinstance(module, nn.Linear):
+        return module
+    kinds = linear_kinds()
+    if len(kinds) > 1 and isinstance(module, kinds[1]):
+        if module.in_channels <= 0 or isinstance(module.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {name!r}: a lazy torch-geometric Linear (in_channels=-1) cannot be quantized "
+                             "before its first forward; give the convolution its input size")
+        return _plain_linear(module.in_channels, module.out_channels, module.weight, module.bias, module.training)
+    raise ValueError(f"layer {name!r} ({type(module).__name__}) is not a linear layer that can be quantized")
 
 
 def bitlinear_targets(
@@ -36,7 +63,7 @@ def bitlinear_targets(
             "to_bitlinear converts the Linear layers inside a model; for one layer use BitLinear.from_linear"
         )
     try:
-        return select_layers(model, nn.Linear, include, exclude, skip=BitLinear, tied_together=False, key=key)
+        return select_layers(model, linear_kinds(), include, exclude, skip=BitLinear, tied_together=False, key=key)
     except ValueError as e:
         already = len(first_names(model, BitLinear))
         if already and "match no" in str(e):
@@ -68,9 +95,10 @@ def to_bitlinear(
         raise ValueError(f"unknown BitLinear option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}")
     targets = bitlinear_targets(model, include, exclude, key="")
     full = {**_DEFAULT_OPTIONS, **options}
-    for _, m in targets:  # validate every layer before touching any
+    linears = {id(m): as_linear(m, n) for n, m in targets}  # torch-geometric Linear -> nn.Linear, same Parameters
+    for m in linears.values():  # validate every layer before touching any
         _validate_options(m.in_features, **full)
-    replace_modules(model, {id(m): BitLinear.from_linear(m, **options) for _, m in targets})
+    replace_modules(model, {key: BitLinear.from_linear(m, **options) for key, m in linears.items()})
     return [name for name, _ in targets]
 
 
@@ -84,14 +112,6 @@ def to_linear(model: nn.Module) -> list[str]:
     found = first_names(model, BitLinear)
     if not found:
         raise ValueError(f"to_linear: {type(model).__name__} contains no BitLinear layer")
-    new = {}
-    for _, m in found:
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = m.in_features, m.out_features
-        linear.weight = m.weight
-        linear.bias = m.bias
-        linear.train(m.training)
-        new[id(m)] = linear
+    new = {id(m): _plain_linear(m.in_features, m.out_features, m.weight, m.bias, m.training) for _, m in found}
     replace_modules(model, new)
     return [name for name, _ in found]

@@ -13,17 +13,32 @@ Selection never changes the model: :func:`select_layers` is what a recipe's pure
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch.nn as nn
 
-__all__ = ["as_patterns", "match_name", "replace_modules", "select_layers"]
+__all__ = ["UNCONVERTIBLE", "as_patterns", "linear_kinds", "match_name", "replace_modules", "select_layers"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called")
 
 # nn.MultiheadAttention reads its out_proj's weight directly, so swapping that module would change nothing
 SKIPPED_TYPES: tuple[type, ...] = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
+# modules with linear maps that a recipe cannot convert: they compute from raw weight tensors (nn.MultiheadAttention,
+# and so nn.TransformerEncoderLayer/DecoderLayer, read in_proj_weight and out_proj.weight directly) or are no
+# y = x W^T + b at all. Selecting one is an error, not a layer silently left in 16-bit.
+UNCONVERTIBLE: tuple[type, ...] = (nn.MultiheadAttention, nn.Bilinear, nn.RNNBase)
+
+
+def linear_kinds() -> tuple[type, ...]:
+    """The layer types a linear-layer recipe converts: ``nn.Linear``, and torch-geometric's ``Linear`` (what its
+    convolutions hold) when torch-geometric is loaded (a model that has one has loaded it)."""
+    if "torch_geometric" in sys.modules:
+        from torch_geometric.nn.dense.linear import Linear as PyGLinear
+
+        return (nn.Linear, PyGLinear)
+    return (nn.Linear,)
 
 
 def as_patterns(key: str, patterns: str | Iterable[str] | None) -> tuple[str, ...] | None:
@@ -74,6 +89,17 @@ def select_layers(
     exc = as_patterns(f"{pre}exclude", exclude) or ()
     candidates = [(n, m) for n, m in first_names(model, kinds) if not isinstance(m, SKIPPED_TYPES + _tuple(skip))]
     targets = [(n, m) for n, m in candidates if (inc is None or match_name(n, inc)) and not match_name(n, exc)]
+    if nn.Linear in _tuple(kinds):
+        stuck = [(n, m) for n, m in first_names(model, UNCONVERTIBLE)
+                 if (inc is None or match_name(n, inc)) and not match_name(n, exc)]
+        if stuck:
+            name, m = stuck[0]
+            raise ValueError(
+                f"layer {name!r} ({type(m).__name__}) cannot be quantized: it computes from its raw weight tensors, "
+                f"not through Linear.forward, so converting it would leave it 16-bit; build the model with nn.Linear "
+                f"projections (e.g. bitflow.models.layers.Attention) or exclude it ({pre}exclude=[..., {name!r}])"
+                + (f"; {len(stuck)} such layers: {[n for n, _ in stuck][:6]}" if len(stuck) > 1 else "")
+            )
     if not targets:
         available = [n for n, _ in candidates][:8]
         kind_names = "/".join(("nn." if k.__module__.startswith("torch.nn") else "") + k.__name__ for k in _tuple(kinds))

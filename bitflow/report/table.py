@@ -27,6 +27,7 @@ KEY_METRICS = (
     "final_val_loss",
     "final_val_ppl",
     "best_val_loss",
+    *(TASK_METRICS := ("val/masked_acc", "val/acc", "val/macro_f1")),  # the non-decoder tasks (bitflow.tasks)
     "transition/spike",
     "transition/recovery_steps",
     "recovery_vs_16bit",
@@ -134,6 +135,7 @@ def run_row(run: Run, keys: list[str]) -> dict[str, Any]:
             "final_val_ppl": _ppl(final),
             "best_val_loss": best,
             "best_val_ppl": _ppl(best),
+            **{m: run.last(m) for m in TASK_METRICS},
             "transition/spike": run.last("transition/spike"),
             "transition/recovery_steps": run.last("transition/recovery_steps"),
             "tokens_per_sec": statistics.median(tps) if tps else None,
@@ -156,7 +158,7 @@ def _fmt(value: Any, column: str = "") -> str:
         return "–"
     if abs(value) >= 1e6:
         return f"{value:.3e}"
-    if "loss" in column or "spike" in column or column.startswith("eval/"):
+    if "loss" in column or "spike" in column or column.startswith(("eval/", "val/")):
         return f"{value:.4f}"
     if "ppl" in column:
         return f"{value:.2f}"

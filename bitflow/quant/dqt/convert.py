@@ -8,9 +8,10 @@ import torch.nn as nn
 
 import bitflow.quant.functional as QF
 from bitflow.quant.bitlinear import BitLinear
+from bitflow.quant.convert import as_linear
 from bitflow.quant.dqt.grid import INIT_SCALES, validate_layer_options
 from bitflow.quant.dqt.layers import DQTEmbedding, DQTLinear, DQTWeight
-from bitflow.quant.select import first_names, replace_modules, select_layers
+from bitflow.quant.select import first_names, linear_kinds, replace_modules, select_layers
 
 __all__ = ["dqt_modules", "dqt_targets", "to_dqt", "unique_dqt_weights"]
 
@@ -55,7 +56,7 @@ def dqt_targets(
             f"the model has BitLinear layers {bitlinear[:4]}: DQT trains weights without a latent copy and cannot "
             "be combined with BitLinear (use either quant=ternary... or quant=dqt_...)"
         )
-    kinds: tuple[type, ...] = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    kinds: tuple[type, ...] = (*linear_kinds(), nn.Embedding) if embeddings else linear_kinds()
     targets = select_layers(model, kinds, include, exclude, skip=DQTWeight, key=key)
     return targets
 
@@ -94,7 +95,7 @@ def to_dqt(
         if isinstance(m, nn.Embedding):
             layer: DQTWeight = DQTEmbedding.from_embedding(m, init_scale, **options)
         else:
-            layer = DQTLinear.from_linear(m, init_scale, **options)
+            layer = DQTLinear.from_linear(as_linear(m), init_scale, **options)
         first = by_weight.setdefault(id(m.weight), layer)
         if first is not layer:
             layer._share_with(first)

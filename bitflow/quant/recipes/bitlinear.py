@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from bitflow.quant.bitlinear import BitLinear, BitLinearOptions, _validate_options, set_strength
-from bitflow.quant.convert import bitlinear_targets, to_bitlinear
+from bitflow.quant.bitlinear import BitLinear, BitLinearOptions, _validate_options, get_strength, set_strength
+from bitflow.quant.convert import as_linear, bitlinear_targets, to_bitlinear
 from bitflow.quant.recipe import Conversion, QuantOptions, QuantRecipe, check_state, named_layers
-from bitflow.quant.select import first_names
+from bitflow.quant.select import first_names, linear_kinds
 
 __all__ = ["BitLinearQuant", "BitLinearRecipe"]
 
@@ -52,7 +52,7 @@ class BitLinearRecipe(QuantRecipe):
         targets = bitlinear_targets(model, self.options.include, self.options.exclude)
         for name, m in targets:  # options that depend on the layer's shape (group_size)
             try:
-                _validate_options(m.in_features, **self.options.layer_options())
+                _validate_options(as_linear(m, name).in_features, **self.options.layer_options())
             except ValueError as e:
                 raise ValueError(f"quant.{e} (layer {name})") from None
         return [name for name, _ in targets]
@@ -98,7 +98,7 @@ class BitLinearRecipe(QuantRecipe):
                 f"{self.options.layer_options()}"
             )
         modules = named_layers(model, layers)
-        wrong = [name for name in layers if not isinstance(modules[name], nn.Linear)]
+        wrong = [name for name in layers if not isinstance(modules[name], linear_kinds())]
         if wrong:
             raise ValueError(f"the quant state names layers that are not nn.Linear: {wrong[:8]}")
         todo = [name for name in layers if not isinstance(modules[name], BitLinear)]
