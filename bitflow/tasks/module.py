@@ -53,6 +53,7 @@ class TaskModule(LanguageModel):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.train_loss(batch)
+        self.last_loss = loss.detach()  # NonFiniteGuard checks it before the optimizer step, on the device
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss

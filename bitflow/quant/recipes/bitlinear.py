@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from bitflow.quant.bitlinear import BitLinear, BitLinearOptions, _validate_options, get_strength, set_strength
+from bitflow.quant.bitlinear import BitLinear, BitLinearOptions, _validate_options, set_strength
 from bitflow.quant.convert import as_linear, bitlinear_targets, to_bitlinear
 from bitflow.quant.recipe import Conversion, QuantOptions, QuantRecipe, check_state, named_layers
 from bitflow.quant.select import first_names, linear_kinds
