@@ -153,7 +153,7 @@ def test_bad_options_name_the_config_key():
         recipe_from_config({**DQT, "moment_dtype": "fp8"})
     with pytest.raises(ValueError, match="quant.embeddings is not an option of the 'bitlinear' recipe"):
         recipe_from_config({**BITLINEAR, "embeddings": True})
-    with pytest.raises(ValueError, match="quant.recipe='gptq' is not allowed; allowed: none, bitlinear, dqt"):
+    with pytest.raises(ValueError, match="quant.recipe='gptq' is not allowed; allowed: none, bitlinear, dqt, ptq"):
         recipe_from_config({"recipe": "gptq"})
     assert recipe_from_config({"recipe": "none"}) is None and recipe_from_config(None) is None
 

@@ -13,18 +13,20 @@ from typing import Any
 from bitflow.quant.recipe import QuantRecipe
 from bitflow.quant.recipes.bitlinear import BitLinearRecipe
 from bitflow.quant.recipes.dqt import DQTRecipe
+from bitflow.quant.recipes.ptq import PTQRecipe
 
 __all__ = ["RECIPES", "QuantRecipe", "recipe_for_state", "recipe_from_config"]
 
 RECIPES: dict[str, type[QuantRecipe]] = {
     BitLinearRecipe.name: BitLinearRecipe,
     DQTRecipe.name: DQTRecipe,
+    PTQRecipe.name: PTQRecipe,  # post-training quantization (bitflow-ptq), applied once from a checkpoint
 }
 NONE = "none"  # quant=none: 16-bit, no recipe
 
 
 def recipe_from_config(config: Mapping[str, Any] | None, key: str = "quant") -> QuantRecipe | None:
-    """The recipe a ``quant`` config names (``recipe: bitlinear | dqt | none`` plus its options), or ``None`` for
+    """The recipe a ``quant`` config names (``recipe: bitlinear | dqt | ptq | none`` plus its options), or ``None`` for
     16-bit (``recipe: none``, an empty or a null config). Raises ``ValueError`` naming ``<key>.<option>``."""
     config = dict(config or {})
     name = config.pop("recipe", NONE if not config else None)
