@@ -305,9 +305,10 @@ def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: P
         "best_val_loss",
         "tokens_per_sec",
         "wall_time_s",
+        "size_mbit",
     ]
-    # the others are counted: all columns but run, quantization, the 10 metrics and the one setting shown
-    assert f"({len(header) - 13} more differ: see report.csv)" in md
+    # the others are counted: all columns but run, quantization, the 12 metrics and the one setting shown
+    assert f"({len(header) - 15} more differ: see report.csv)" in md
     rows = [line.split(" | ")[1] for line in md.splitlines()[6:10]]
     assert rows == ["16-bit", "DQT ternary from scratch", "DQT int8 from scratch", "ternary from scratch"]
 

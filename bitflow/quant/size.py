@@ -134,8 +134,9 @@ def model_size(model: nn.Module, formats: Mapping[str, WeightFormat], float_bits
 
 
 def quant_formats(model: nn.Module, quant: Mapping[str, Any] | None) -> dict[str, WeightFormat]:
-    """The :class:`WeightFormat` of each layer a training ``quant`` config (``bitlinear`` or ``dqt`` recipe)
-    quantizes, by the recipe's own layer plan; ``{}`` for ``None`` / ``recipe: none``."""
+    """The :class:`WeightFormat` of each layer a ``quant`` config quantizes (recipes ``bitlinear``, ``dqt`` and
+    ``ptq``: a training run's or a bitflow-ptq checkpoint's), by the recipe's own layer plan; ``{}`` for ``None``
+    / ``recipe: none``."""
     from bitflow.quant.recipes import recipe_from_config
 
     recipe = recipe_from_config(quant)
@@ -147,6 +148,13 @@ def quant_formats(model: nn.Module, quant: Mapping[str, Any] | None) -> dict[str
             bits=opts.weight_bits,  # type: ignore[attr-defined]
             granularity=opts.granularity,  # type: ignore[attr-defined]
             group_size=opts.group_size if opts.granularity == "group" else None,  # type: ignore[attr-defined]
+        )
+    elif recipe.name == "ptq":  # a bitflow-ptq checkpoint: n-bit codes per channel or group
+        fmt = WeightFormat(
+            bits=opts.bits,  # type: ignore[attr-defined]
+            granularity="channel" if opts.group_size is None else "group",  # type: ignore[attr-defined]
+            group_size=opts.group_size,  # type: ignore[attr-defined]
+            zero_point=not opts.symmetric,  # type: ignore[attr-defined]
         )
     else:  # dqt: n-bit or ternary codes with one scale per tensor
         fmt = WeightFormat(bits=getattr(opts, "bits", None))
