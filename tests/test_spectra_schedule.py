@@ -77,7 +77,8 @@ def test_the_trilm_recipe_composes():
     assert cfg.transition.get("_target_") is None
     float_cfg = compose(["+experiment=spectra_floatlm", "paths.output_dir=."])
     assert float_cfg.quant.recipe == "none" and "lr_drop_at" not in float_cfg.scheduler
-    qid = compose(["+experiment=[spectra_floatlm,qid_checkpoints]", "paths.output_dir=."])
+    qid = compose(["+experiment=[qid_checkpoints,spectra_floatlm]", "paths.output_dir=."])
+    assert qid.task_name == "spectra_floatlm" and qid.quant.recipe == "none"
     mc = qid.callbacks.model_checkpoint
     assert (mc.every_n_train_steps, mc.save_top_k, mc.monitor, mc.filename) == (50, -1, None, "step{step:06d}")
 
@@ -90,7 +91,7 @@ def _ckpt(path: Path) -> dict:
 def test_trilm_schedule_resumes_exactly(tiny_overrides: list[str], tmp_path: Path):
     """12 steps, LR halved from step 6, weight decay off from step 8; resumed from step 4 = uninterrupted."""
     common = [
-        *tiny_overrides, "+experiment=[spectra_trilm,qid_checkpoints]", "trainer.max_steps=12",
+        *tiny_overrides, "+experiment=[qid_checkpoints,spectra_trilm]", "trainer.max_steps=12",
         "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.val_check_interval=12",
     ]
     full = tmp_path / "full"

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from bitflow.io import atomic_write_bytes, atomic_write_text
-from bitflow.qid.law import FACTORS, PAPER, PAPER_SINGLE, LawFit, SingleFactorFit, fit_qid_law, fit_single_factor
+from bitflow.qid.law import (
+    FACTORS,
+    PAPER,
+    PAPER_SINGLE,
+    LawFit,
+    SingleFactorFit,
+    fit_qid_law,
+    fit_single_factor,
+)
 from bitflow.qid.measure import CACHE_NAME, COLUMNS, PTQSettings, find_checkpoints, measure, run_names
 
 __all__ = ["fit_rows", "main", "render_markdown", "run_qid"]

@@ -11,7 +11,7 @@ COMMON=(data.seq_len=128 data.batch_size=8 data.val_windows=32
         callbacks.model_checkpoint.every_n_train_steps=50)
 for family in floatlm trilm; do
   for size in micro_s micro_m micro_l; do
-    nice -n 10 bitflow "+experiment=[spectra_$family,qid_checkpoints]" model=$size "${COMMON[@]}" \
+    nice -n 10 bitflow "+experiment=[qid_checkpoints,spectra_$family]" model=$size "${COMMON[@]}" \
       hydra.run.dir="$RUNS/$family/$size" > "$RUNS/$family-$size.log" 2>&1 &
   done
 done

@@ -17,9 +17,9 @@ from tests.helpers import compose
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, request) -> Path:
     cache_dir = request.getfixturevalue("cache_dir")
-    from tests.helpers import TINY
-
     from omegaconf import OmegaConf
+
+    from tests.helpers import TINY
 
     out = tmp_path_factory.mktemp("qid") / "run"
     cfg = compose([*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",

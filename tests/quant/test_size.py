@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from bitflow.quant.size import LOG2_3, WeightFormat, config_size, matrix_bits, model_size, ptq_formats, quant_formats
+from bitflow.quant.size import (
+    LOG2_3,
+    WeightFormat,
+    config_size,
+    matrix_bits,
+    model_size,
+    ptq_formats,
+    quant_formats,
+)
 from tests.helpers import TINY_LINEARS, TINY_MODEL, tiny_llama
 
 # the tiny Llama (vocab 320, d 32, 2 layers, d_ff 64, tied head): 10240 embedding, per layer 4 x 32x32 attention +
