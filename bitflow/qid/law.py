@@ -115,8 +115,17 @@ def fit_qid_law(
     remain or a factor takes a single value."""
     y, (ln, ld, lp), dropped = _clean(qid, n, d, p)
     names = ["log k", "beta", "alpha", "gamma"]
-    if len(y) == 0:
-        raise ValueError(f"the fit has 0 usable point(s) (QiD > 0; {dropped} dropped) for 4 parameters ({', '.join(names)})")
+    if len(y) < len(names):
+        raise ValueError(
+            f"the fit has {len(y)} usable point(s) (QiD > 0; {dropped} dropped) for {len(names)} parameters "
+            f"({', '.join(names)}); it needs at least {len(names)}"
+        )
+    for factor, col in (("D", ld), ("N", ln), ("P", lp)):
+        if np.ptp(col) <= 1e-9 * max(1.0, float(np.abs(col).max())):
+            raise ValueError(
+                f"the fit's design is singular: {factor} takes the single value {math.exp(col[0]):.6g} among the "
+                f"{len(y)} usable point(s); the law needs at least 2 values of each of N, D and P"
+            )
     logs = np.stack([ld, -ln, -lp], axis=1)
     means = logs.mean(axis=0)
     x = np.concatenate([np.ones((len(y), 1)), logs - means], axis=1)

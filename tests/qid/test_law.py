@@ -83,7 +83,7 @@ def test_fewer_points_than_parameters_is_a_clear_error():
 def test_a_factor_that_does_not_vary_is_a_clear_error():
     n, d, p, qid = grid()
     four = p == 4
-    with pytest.raises(ValueError, match="singular"):
+    with pytest.raises(ValueError, match="singular: P takes the single value 4 "):
         fit_qid_law(n[four], d[four], p[four], qid[four])
 
 
