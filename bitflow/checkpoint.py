@@ -6,7 +6,9 @@ A bitflow checkpoint is a Lightning checkpoint with one more section, ``checkpoi
      "model_config": {...},     # LlamaConfig fields: rebuilds the architecture
      "tokenizer": "...",        # the tokenizer's JSON: the checkpoint is self-contained
      "quant": {...} | None,     # the quantization recipe's state (bitflow.quant.recipe), None for 16-bit
-     "tokens_seen": int}
+     "tokens_seen": int,
+     "max_steps": int | None,  # the LR schedule's length
+     "data": {...} | None}     # the run's data config (corpus, seq_len, ...; None in older checkpoints)
 
 ``LanguageModel.on_save_checkpoint`` writes the section and ``on_load_checkpoint`` checks and applies it;
 :func:`read_checkpoint` reads a file with clear errors, :func:`check_same_model` compares architectures, and

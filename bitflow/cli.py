@@ -204,6 +204,7 @@ def run_training(cfg: DictConfig, explicit: set[str] | None = None, prepared: bo
         tokenizer_json=datamodule.tokenizer_json,
         quant=to_plain(cfg.get("quant")),
     )
+    model.data_config = to_plain(cfg.data)  # recorded in every checkpoint (bitflow-ptq calibrates on it)
     if cfg.get("ckpt_path") is not None:  # a checkpoint of another model fails here, not mid-restore
         from bitflow.lm import CHECKPOINT_KEY, check_same_model, read_checkpoint
 

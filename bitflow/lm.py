@@ -97,6 +97,7 @@ class LanguageModel(L.LightningModule):
         self.optimizer_cfg = dict(optimizer or {})
         self.scheduler_cfg = dict(scheduler or {})
         self.tokenizer_json = tokenizer_json
+        self.data_config: dict[str, Any] | None = None  # the run's data config, set by run_training; in checkpoints
         self.quant_recipe: QuantRecipe | None = recipe_from_config(quant)
         # a callback may wrap the LR schedule (e.g. the re-warmup after an optimizer reset); pure in the step
         self.lr_wrappers: list[Callable[[Callable[[int], float]], Callable[[int], float]]] = []
@@ -207,6 +208,8 @@ class LanguageModel(L.LightningModule):
             "tokens_seen": getattr(self, "tokens_seen", 0),
             # the LR schedule's length: a resume with another trainer.max_steps would reshape it
             "max_steps": self.trainer.max_steps if self._trainer is not None else None,
+            # the run's data config (plain data): bitflow-ptq calibrates on the run's own training split
+            "data": getattr(self, "data_config", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -218,6 +221,8 @@ class LanguageModel(L.LightningModule):
         if self.tokenizer_json is None:
             self.tokenizer_json = meta.get("tokenizer")
         self.tokens_seen = meta.get("tokens_seen", 0)
+        if self.data_config is None:  # a resumed run keeps its own (run_training sets it)
+            self.data_config = meta.get("data")
         state = meta.get("quant")
         if not state:
             return

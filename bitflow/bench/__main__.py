@@ -14,7 +14,7 @@ import torch
 
 from bitflow.bench.common import print_table
 
-BENCHES = ("train", "allocator", "data", "bitlinear", "dqt")
+BENCHES = ("train", "allocator", "data", "bitlinear", "dqt", "ptq")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from tests.helpers import tiny_llama
 MLP = [f"layers.{i}.mlp.{w}" for i in range(2) for w in ("w1", "w3", "w2")]
 BITLINEAR = {"recipe": "bitlinear"}
 DQT = {"recipe": "dqt"}
+PTQ = {"recipe": "ptq", "method": "rtn", "bits": 3, "group_size": 16}  # RTN: a conversion that needs no data
 
 
 def _model(seed: int = 0) -> Llama:
@@ -28,7 +29,7 @@ class HookedLinear(nn.Linear):
     """An nn.Linear subclass (as a user's model may have), used to check that the plan leaves layers alone."""
 
 
-@pytest.mark.parametrize("quant", [BITLINEAR, DQT])
+@pytest.mark.parametrize("quant", [BITLINEAR, DQT, PTQ])
 def test_plan_is_pure_hooks_and_subclasses_survive(quant):
     model = _model()
     old = model.layers[0].mlp.w1
@@ -50,7 +51,7 @@ def test_plan_is_pure_hooks_and_subclasses_survive(quant):
     assert len(seen) == 2
 
 
-@pytest.mark.parametrize("quant", [BITLINEAR, DQT])
+@pytest.mark.parametrize("quant", [BITLINEAR, DQT, PTQ])
 def test_state_then_restore_rebuilds_the_model(quant):
     recipe = recipe_from_config({**quant, "include": ["mlp.*"]})
     src = _model(0)
@@ -92,7 +93,7 @@ def test_bitlinear_state_format_and_strength():
 @pytest.mark.parametrize(
     "state, match",
     [
-        ({"kind": "gptq"}, "unknown quant state kind 'gptq'; known: bitlinear, dqt"),
+        ({"kind": "gptq"}, "unknown quant state kind 'gptq'; known: bitlinear, dqt, ptq"),
         ({"kind": "bitlinear", "layers": ["layers.0.mlp.w1"]}, r"lacks \['options', 'strength'\]"),
         ({"kind": "bitlinear", "layers": ["layers.9.mlp.w1"], "options": {}, "strength": {}},
          r"does not have: \['layers.9.mlp.w1'\]"),

@@ -1,9 +1,9 @@
 """The data of post-training quantization, from the run the checkpoint belongs to: calibration windows from its
 training split, validation windows from its validation split, and the validation loss.
 
-The run's data config (corpus, ``seq_len``, ``val_windows``, cache) is read from the checkpoint itself when it
-carries one (``checkpoint["bitflow"]["data"]``, which ``bitflow-ptq`` writes into its outputs), else from the run's
-``<run>/.hydra/config.yaml`` (``<run>/checkpoints/<name>.ckpt``). The splits are the ones training used
+The run's data config (corpus, ``seq_len``, ``val_windows``, cache) is read from the checkpoint itself
+(``checkpoint["bitflow"]["data"]``, which training and ``bitflow-ptq`` write), else, for checkpoints written before
+it was recorded, from the run's ``<run>/.hydra/config.yaml`` (``<run>/checkpoints/<name>.ckpt``). The splits are the ones training used
 (:func:`bitflow.data.splits.plan_splits` on the token caches of the checkpoint's own tokenizer).
 
 * Calibration: ``N`` training windows of ``seq_len`` tokens at the positions :class:`~bitflow.data.TrainWindows`

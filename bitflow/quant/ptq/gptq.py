@@ -160,7 +160,7 @@ def gptq(
     W = W[:, perm]
     u = u.float()
     maxq = 2**bits - 1
-    col_group = (perm // group_size) if group_size is not None else torch.zeros_like(perm)
+    col_group = ((perm // group_size) if group_size is not None else torch.zeros_like(perm)).tolist()
     codes = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)

@@ -119,7 +119,10 @@ def _recipe(method: str, bits: float | int, group_size: int | None, symmetric: b
     try:
         return recipe_from_config(config, key="ptq")
     except ValueError as e:
-        raise ConfigError(str(e).replace("ptq.", "")) from None
+        message = str(e).replace("ptq.", "")
+        if method in TERNARY_METHODS:  # BitLinear's option, under this app's name for it
+            message = message.replace("act_bits", "ternary_act_bits").replace("act_qmax", "ternary_act_qmax")
+        raise ConfigError(message) from None
 
 
 def _plain(value: Any) -> Any:
@@ -171,6 +174,11 @@ def ptq_checkpoint(
                      ternary_act_bits)
     import torch
 
+    try:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, ValueError, TypeError):
+        fail("device", device, "cpu, cuda, cuda:N, ... or null (CUDA if available, else the CPU)")
+
     from bitflow.checkpoint import CHECKPOINT_KEY, atomic_torch_save
     from bitflow.data.tokenizer import tokenizer_from_checkpoint
     from bitflow.lm import load_checkpoint, read_checkpoint, recipe_config_of
@@ -215,7 +223,6 @@ def ptq_checkpoint(
                 f"rows, fewer than the {width} input features of {widest}: GPTQ's Hessian would be singular; "
                 f"allowed: calib_windows >= {math.ceil(width / data.seq_len)} (more is better: 128 by default)"
             )
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = lm.to(dev)
     n_val = val_windows if val_windows is not None else data.val_windows
     val = validation_windows(data.plan, data.seq_len, n_val)
