@@ -87,7 +87,6 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.slow
 def test_trilm_schedule_resumes_exactly(tiny_overrides: list[str], tmp_path: Path):
     """12 steps, LR halved from step 6, weight decay off from step 8; resumed from step 4 = uninterrupted."""
     common = [

@@ -204,5 +204,6 @@ def fit_single_factor(
     return SingleFactorFit(
         name=name, factor=factor, exponent=float(coef[-1]), ci=_interval(float(coef[-1]), se, dof, confidence),
         stderr=se, n_points=len(rows), n_dropped=dropped, slices=len(slices), confidence=confidence,
-        intercepts={tuple(math.exp(v) for v in key): float(c) for key, c in zip(slices, coef[:-1], strict=True)},
+        intercepts={tuple(float(f'{math.exp(v):.6g}') for v in key): float(c)
+                    for key, c in zip(slices, coef[:-1], strict=True)},
     )

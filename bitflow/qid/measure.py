@@ -137,8 +137,9 @@ def measure(
                 if record is None:
                     log(f"[{len(rows) + 1}/{total}] {ckpt.path} {method} {b}-bit")
                     full = ptq_checkpoint(ckpt.path, method, b, **asdict(settings))
-                    record = {k: full[k] for k in ("val_loss_16bit", "val_loss_quantized", "qid", "n_params",
-                                                   "tokens_seen", "global_step", "seconds")}
+                    record = {k: full[k] for k in ("method", "bits", "val_loss_16bit", "val_loss_quantized", "qid",
+                                                   "n_params", "tokens_seen", "global_step", "seconds")}
+                    record["checkpoint"] = str(ckpt.path)
                     new += 1
                     atomic_write_text(cache / f"{key}.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
                 rows.append({
