@@ -21,7 +21,7 @@ from bitflow.io import atomic_write_bytes, atomic_write_text
 from bitflow.qid.measure import PTQSettings, find_checkpoints, measure
 from bitflow.quant.size import config_size, meta_model, model_size, ptq_formats
 
-SIZES = ("micro_s", "micro_m", "micro_l")
+SIZES = ("micro_s", "micro_m", "micro_l", "tiny")
 QUANT_BITS = (3, 4, 6, 8)
 SETTINGS = PTQSettings(calib_windows=32)  # GPTQ per channel, symmetric; the run's validation windows
 
