@@ -32,8 +32,8 @@ from bitflow.quant.recipes import recipe_for_state, recipe_from_config
 from bitflow.schedules import LRSchedule
 
 __all__ = [
-    "CHECKPOINT_KEY", "LanguageModel", "default_optimizer_config", "load_checkpoint", "model_root", "param_groups",
-    "read_checkpoint", "recipe_config_of",
+    "CHECKPOINT_KEY", "LanguageModel", "apply_weight_decay_factor", "default_optimizer_config", "load_checkpoint",
+    "model_root", "param_groups", "read_checkpoint", "recipe_config_of",
 ]
 
 
@@ -58,6 +58,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+
+
+def apply_weight_decay_factor(optimizer: torch.optim.Optimizer, schedule: LRSchedule, step: int) -> None:
+    """Set every param group's weight decay for the optimizer step ``step``: its configured value (kept in the
+    group as ``initial_weight_decay``, which the optimizer's state dict carries into checkpoints) times
+    ``schedule.weight_decay_factor(step)`` (Spectra's weight decay removal at ~2/3 of training)."""
+    factor = schedule.weight_decay_factor(step)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = group.setdefault("initial_weight_decay", group["weight_decay"]) * factor
 
 
 class LanguageModel(L.LightningModule):
@@ -209,6 +218,8 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scheduler_cfg.get("weight_decay_off_at") is not None and self._trainer is not None:
+            apply_weight_decay_factor(unwrap_optimizer(optimizer), self.lr_schedule, self.trainer.global_step)
         if self.quant_recipe is not None:  # e.g. DQT averages its gradients over ranks before clipping
             self.quant_recipe.before_optimizer_step(self.model, unwrap_optimizer(optimizer))
 

@@ -24,6 +24,12 @@ class LRSchedule:
     - ``wsd`` (warmup-stable-decay, arXiv 2404.06395): warmup, constant, then a linear decay to ``min_lr_ratio``
       over the last ``decay_fraction`` of training.
     Warmup goes (t + 1) / warmup_steps so the very first step already trains.
+
+    Spectra's TriLM tricks (Kaushal et al., arXiv 2407.12327), off by default: ``lr_drop_at`` (a fraction of
+    ``total_steps`` in (0, 1)) multiplies the LR by ``lr_drop_factor`` (0.5: the peak LR halved) from step
+    ``round(lr_drop_at * total_steps)`` on; ``weight_decay_off_at`` (a fraction) sets weight decay to 0 from step
+    ``round(weight_decay_off_at * total_steps)`` on (:meth:`weight_decay_factor`, applied by the LightningModule
+    to every param group before each optimizer step). Both are pure functions of the step, so resumes are exact.
     """
 
     name: str = "cosine"
@@ -31,6 +37,9 @@ class LRSchedule:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
+    lr_drop_at: float | None = None
+    lr_drop_factor: float = 0.5
+    weight_decay_off_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULES:
@@ -45,8 +54,39 @@ class LRSchedule:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ValueError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
+        for key in ("lr_drop_at", "weight_decay_off_at"):
+            at = getattr(self, key)
+            if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not 0.0 < at < 1.0):
+                raise ValueError(f"{key}={at!r} must be null or a fraction of the run in (0, 1)")
+        if not 0.0 < self.lr_drop_factor <= 1.0:
+            raise ValueError(f"lr_drop_factor={self.lr_drop_factor} must be in (0, 1]")
+
+    def _step_of(self, fraction: float | None) -> int | None:
+        return None if fraction is None else round(fraction * self.total_steps)
+
+    @property
+    def lr_drop_step(self) -> int | None:
+        """The first step with the dropped LR (``None``: no drop)."""
+        return self._step_of(self.lr_drop_at)
+
+    @property
+    def weight_decay_off_step(self) -> int | None:
+        """The first step without weight decay (``None``: weight decay throughout)."""
+        return self._step_of(self.weight_decay_off_at)
+
+    def weight_decay_factor(self, step: int) -> float:
+        """Multiplier of each param group's configured weight decay at ``step``: 1, then 0 from
+        :attr:`weight_decay_off_step` on."""
+        off = self.weight_decay_off_step
+        return 0.0 if off is not None and step >= off else 1.0
 
     def __call__(self, step: int) -> float:
+        drop = self.lr_drop_step
+        if drop is not None and step >= drop:
+            return self.lr_drop_factor * self._base(step)
+        return self._base(step)
+
+    def _base(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.name == "constant":

@@ -305,11 +305,14 @@ def test_markdown_table_holds_the_differing_settings_and_key_metrics(tmp_path: P
         "best_val_loss",
         "tokens_per_sec",
         "wall_time_s",
+        "size_mbit",
     ]
-    # the others are counted: all columns but run, quantization, the 10 metrics and the one setting shown
-    assert f"({len(header) - 13} more differ: see report.csv)" in md
+    # the others are counted: all columns but run, quantization, the 12 metrics and the one setting shown
+    assert f"({len(header) - 15} more differ: see report.csv)" in md
     rows = [line.split(" | ")[1] for line in md.splitlines()[6:10]]
     assert rows == ["16-bit", "DQT ternary from scratch", "DQT int8 from scratch", "ternary from scratch"]
+    sizes = [r["size_mbit"] for r in result["rows"]]  # bitflow.quant.size: ternary weights at log2(3) bits
+    assert 0 < sizes[3] < sizes[0]
 
 
 def test_relative_and_absolute_paths_mix(kinds: Path, tmp_path: Path, monkeypatch):

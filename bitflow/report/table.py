@@ -34,6 +34,7 @@ KEY_METRICS = (
     "area_vs_16bit",
     "tokens_per_sec",
     "wall_time_s",
+    "size_mbit",
 )
 
 
@@ -143,8 +144,30 @@ def run_row(run: Run, keys: list[str]) -> dict[str, Any]:
             "last_step": max((s for series in run.scalars.values() for s, _ in series), default=None),
         }
     )
+    row.update(_size(run))
     row.update({f"eval/{k}": v for k, v in sorted(run.downstream.items())})
     return row
+
+
+def _size(run: Run) -> dict[str, float | None]:
+    """Size in bits of the run's (final) model from its config (:func:`bitflow.quant.size.config_size`), in
+    Mbit: ``size_mbit`` counts ternary weights at log2(3) bits, ``size_mbit_storage`` at the 2-bit packing."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from bitflow.quant.size import config_size
+
+    model, vocab = run.get("model"), run.get("data.vocab_size")
+    quant = run.get("transition.quant")
+    quant = quant if isinstance(quant, DictConfig) else run.get("quant")
+    if not isinstance(model, DictConfig) or not isinstance(vocab, int):
+        return {"size_mbit": None, "size_mbit_storage": None}
+    try:
+        plain = OmegaConf.to_container(quant, resolve=True) if isinstance(quant, DictConfig) else None
+        size = config_size(OmegaConf.to_container(model, resolve=True), vocab, plain)
+    except (ValueError, TypeError) as err:
+        run.notes.append(f"{run.name}: no size in bits ({err})")
+        return {"size_mbit": None, "size_mbit_storage": None}
+    return {"size_mbit": size.bits / 1e6, "size_mbit_storage": size.storage_bits / 1e6}
 
 
 def _fmt(value: Any, column: str = "") -> str:
@@ -164,6 +187,8 @@ def _fmt(value: Any, column: str = "") -> str:
         return f"{value:.2f}"
     if column == "wall_time_s":
         return f"{value:.1f}"
+    if column.startswith("size_mbit"):
+        return f"{value:.3f}"
     return f"{value:.0f}" if value.is_integer() or abs(value) >= 100 else f"{value:.4g}"
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from bitflow.qid import main
+
+sys.exit(main())
