@@ -332,7 +332,7 @@ def check_config(cfg: DictConfig) -> None:
     import dataclasses
 
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)} - {"_target_"})
-    if unknown:
+    if unknown and task.name == "causal_lm":  # (the other families' fields: bitflow.tasks.check_task_config)
         known = ", ".join(f.name for f in dataclasses.fields(LlamaConfig) if f.name != "vocab_size")
         fail(f"model.{unknown[0]}", fields[unknown[0]], f"the LlamaConfig fields {known}")
     with config_errors("model", fields, owner="LlamaConfig"):
@@ -467,21 +467,23 @@ def _hydra_subdir(ckpt_path: Any, stamp: str, mode: Any = "RUN", run_dir: Any = 
 
 def check_output_dir(cfg: DictConfig) -> None:
     """Refuse an output directory (``paths.output_dir``) that cannot be created or written, before training: a
-    run would otherwise fail at its first checkpoint."""
-    import tempfile
-
+    run would otherwise fail at its first checkpoint. Nothing is created here (a refused run leaves no directory):
+    the nearest existing folder on the path must be a writable directory."""
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None, throw_on_resolution_failure=False)
     if output_dir is None:
         return
-    try:
-        Path(str(output_dir)).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=str(output_dir)):
-            pass
-    except OSError as e:
+    path = Path(str(output_dir)).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    problem = None
+    if existing is None or not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
         raise ConfigError(
-            f"paths.output_dir={str(output_dir)!r} is not writable ({e.strerror or e}); give a directory this "
+            f"paths.output_dir={str(output_dir)!r} cannot be written ({problem}); give a directory this "
             "user can write (hydra.run.dir=... for the bitflow command)"
-        ) from e
+        )
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

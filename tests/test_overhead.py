@@ -27,7 +27,9 @@ class _HostReads(TorchDispatchMode):
             stack = "".join(traceback.format_stack(limit=12)[:-1])
             # BitLinear reads its strength only where the tensor is on the CPU (bitflow.quant.functional.
             # _cpu_strength); on an accelerator the blend stays a tensor op, so that read is never a sync
-            if "_cpu_strength" not in stack:
+            # NonFiniteGuard (fault.on_nonfinite) reads one flag per step by design, before the optimizer step,
+            # so that a NaN step is never applied; it is not a metric (README, Clusters: NaN and Inf)
+            if "_cpu_strength" not in stack and "on_before_optimizer_step" not in stack:
                 self.reads.append(stack)
         return func(*args, **(kwargs or {}))
 

@@ -140,7 +140,7 @@ def test_an_unwritable_output_dir_fails_before_training(tiny_overrides, tmp_path
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match=r"paths.output_dir='.*a-file/run' is not writable"):
+    with pytest.raises(ConfigError, match=r"paths.output_dir='.*a-file/run' cannot be written \(.*a-file is not a directory\)"):
         prepare_config(compose([*tiny_overrides, f"paths.output_dir={blocker / 'run'}"]))
 
 

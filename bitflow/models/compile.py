@@ -34,9 +34,10 @@ def compile_model(model: nn.Module, mode: bool | str = False) -> tuple[nn.Module
     Each is compiled on its first call: training calls only the hidden states (the loss applies the head).
     """
     mode = check_compile(mode)
+    hidden = getattr(model, "hidden_states", None)  # the other families (bitflow.tasks) compute their own losses
     if mode is True:
-        return torch.compile(model), torch.compile(model.hidden_states)
+        return torch.compile(model), (torch.compile(hidden) if hidden is not None else None)
     if mode == "regional":
-        for block in model.layers:
+        for block in getattr(model, "layers", ()):
             block.compile()
-    return model, model.hidden_states
+    return model, hidden

@@ -91,7 +91,7 @@ def test_rtn_quantizes_each_layer_to_its_nearest_grid_point(run_ckpt: Path, tmp_
     assert ptq_checkpoint(run_ckpt, "rtn", 3, symmetric=False, val_windows=2)["val_loss_quantized"] == pytest.approx(
         record["val_loss_quantized"]
     )  # without out: the same numbers, nothing written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rtn3.ckpt", "rtn3.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rtn3.ckpt", "rtn3.ckpt.manifest.json", "rtn3.json"]
 
 
 @pytest.mark.parametrize("method", ["absmean", "absmedian"])
