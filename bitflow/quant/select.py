@@ -102,7 +102,12 @@ def select_layers(
             )
     if not targets:
         available = [n for n, _ in candidates][:8]
-        kind_names = "/".join(("nn." if k.__module__.startswith("torch.nn") else "") + k.__name__ for k in _tuple(kinds))
+        # name the kinds the model holds (nn.Linear, and torch_geometric's Linear only in a model that has one)
+        held = [k for k in _tuple(kinds) if any(isinstance(m, k) for m in model.modules())] or list(_tuple(kinds))[:1]
+        kind_names = " or ".join(
+            ("nn." if k.__module__.startswith("torch.nn") else f"{k.__module__.split('.')[0]}.nn.") + k.__name__
+            for k in held
+        )
         raise ValueError(
             f"{pre}include={list(inc) if inc is not None else None} {pre}exclude={list(exc)} match no "
             f"{kind_names} layer of {type(model).__name__}; available (first {len(available)}): {available}"
