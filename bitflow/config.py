@@ -346,12 +346,15 @@ def check_config(cfg: DictConfig) -> None:
         t0 = planned_switch_step(cfg)  # quant options, quant/transition combination, transition.at against the run
         recipe, _ = quant_and_transition(cfg)
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    if "ModelParallelStrategy" in strategy and recipe is not None:
+    if "ModelParallelStrategy" in strategy and recipe is not None and recipe.name != "bitlinear":
         raise ConfigError(
-            f"trainer=fsdp with quant.recipe={recipe.name!r}: sharded training (FSDP2) supports 16-bit runs only so "
-            "far (a layer converted mid-run holds a sharded weight FSDP does not gather); use trainer=ddp, or "
-            "quant=none"
+            f"trainer=fsdp with quant.recipe={recipe.name!r} is not supported: sharded training (FSDP2) takes 16-bit "
+            "and BitLinear runs (quant=ternary..., from the start or through a transition); DQT replaces the "
+            "Parameters FSDP2 holds with int8 codes; use trainer=ddp for it"
         )
+    if "ModelParallelStrategy" in strategy and OmegaConf.select(cfg, "transition.gap_every", default=0):
+        fail("transition.gap_every", OmegaConf.select(cfg, "transition.gap_every"),
+             "0 with trainer=fsdp (the online gap evaluates unsharded weights; use trainer=ddp to measure it)")
     if t0 and recipe is not None and not recipe.keeps_parameters and strategy.startswith("ddp") and (
         "find_unused_parameters_true" not in strategy
     ):

@@ -29,30 +29,43 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp_resumes_exactly_and_loads_in_one_process(tmp_path: Path, cache_dir: Path):
+@pytest.mark.parametrize("quant", [["quant=ternary", "transition=default", "transition.at=4"], ["quant=ternary_median"]],
+                         ids=["switch-at-4", "absmedian-from-step-0"])
+def test_fsdp_matches_ddp_resumes_exactly_and_loads_in_one_process(quant: list[str], tmp_path: Path, cache_dir: Path):
+    """16-bit steps, the mid-run switch and BitLinear steps under FSDP2 give DDP's losses and DDP's whole-matrix
+    weight scales (each converted layer is the same module object FSDP2 gathers: BitLinear.become)."""
     keep = ["+callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_top_k=-1",
             "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.filename='step{step}'"]
-    _bitflow([*RUN, *keep, "trainer=fsdp", f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, cache_dir)
-    _bitflow([*RUN, "trainer=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, cache_dir)
+    run = [*RUN, *quant, "trainer.log_every_n_steps=1"]
+    _bitflow([*run, *keep, "trainer=fsdp", f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, cache_dir)
+    _bitflow([*run, "trainer=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, cache_dir)
     fsdp = _losses(tmp_path / "fsdp")
     assert len(fsdp) == 8
     assert fsdp == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5)
+    scales = {r: [v for _, v in read_scalars(tmp_path / r / "tb")["quant/weight_scale"]] for r in ("fsdp", "ddp")}
+    assert len(scales["fsdp"]) >= 4 and scales["fsdp"] == pytest.approx(scales["ddp"], rel=1e-5)
 
     at4 = tmp_path / "fsdp" / "checkpoints" / "step4.ckpt"
-    _bitflow([*RUN, "trainer=fsdp", f"ckpt_path={at4}", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path,
+    _bitflow([*run, "trainer=fsdp", f"ckpt_path={at4}", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path,
              cache_dir)
     assert _losses(tmp_path / "resumed")[-4:] == pytest.approx(fsdp[4:], rel=1e-5)
 
     from bitflow.lm import load_checkpoint
+    from bitflow.quant import BitLinear
 
     model = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")  # full weights, one process
     assert all(not type(p).__name__.startswith("DTensor") for p in model.parameters())
+    assert sum(isinstance(m, BitLinear) for m in model.modules()) == 14  # 2 blocks x 7 projections
     batch = torch.randint(0, model.model.config.vocab_size, (2, 17))
     assert torch.isfinite(model.loss(batch))
 
 
-def test_fsdp_with_a_quantization_is_refused_before_training(tiny_overrides):
+def test_fsdp_refuses_what_it_cannot_shard_before_training(tiny_overrides):
     from bitflow.cli import prepare_config
 
-    with pytest.raises(ConfigError, match="trainer=fsdp with quant.recipe='bitlinear'.*16-bit runs only"):
-        prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=ternary"]))
+    with pytest.raises(ConfigError, match="trainer=fsdp with quant.recipe='dqt' is not supported.*trainer=ddp"):
+        prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=dqt_ternary"]))
+    with pytest.raises(ConfigError, match="transition.gap_every=10 is not allowed; allowed: 0 with trainer=fsdp"):
+        prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=ternary", "transition=default",
+                                "transition.gap_every=10"]))
+    prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=ternary", "transition=default"]))  # accepted

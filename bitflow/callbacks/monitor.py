@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bitflow.callbacks.transition import log_scalars
-from bitflow.models import model_root
+from bitflow.models import gathered, is_sharded, model_root
 from bitflow.quant import BitLinear
 
 __all__ = ["QuantMonitor"]
@@ -75,7 +75,9 @@ class QuantMonitor(Callback):
     ) -> None:
         # after forward and backward, before the update: the weights of this step's forward, layers already switched
         step = trainer.global_step
-        if step == self._measured_step or not trainer.is_global_zero:
+        # the statistics of FSDP2-sharded weights are collectives: then every rank measures (the loggers write on
+        # rank 0 only); otherwise rank 0 alone
+        if step == self._measured_step or not (trainer.is_global_zero or is_sharded(pl_module)):
             return
         every, per_layer, hist = (n > 0 and (step + 1) % n == 0 for n in self.intervals(trainer))
         if not (every or per_layer or hist):
@@ -93,7 +95,7 @@ class QuantMonitor(Callback):
                 if isinstance(logger, TensorBoardLogger):
                     for name, m in layers:
                         logger.experiment.add_histogram(
-                            f"quant/latent_weight/{name}", m.weight.detach().float().cpu(), global_step=step
+                            f"quant/latent_weight/{name}", gathered(m.weight).detach().float().cpu(), global_step=step
                         )
 
     @torch.no_grad()
@@ -109,7 +111,7 @@ class QuantMonitor(Callback):
                 self._codes[name] = codes
             rows.append(torch.stack([(codes == 0).sum().float(), scale.reciprocal().mean(), flips.float()]))
             info.append((name, codes.numel(), comparable))
-        stats = torch.stack(rows).double().cpu().tolist()  # the one host transfer
+        stats = gathered(torch.stack(rows)).double().cpu().tolist()  # the one host transfer (sharded: a collective)
         records = [(name, n, has_flips, *row) for (name, n, has_flips), row in zip(info, stats, strict=True)]
         out = {
             "quant/zero_fraction": sum(r[3] for r in records) / sum(r[1] for r in records),

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from bitflow.callbacks.gap import AutoSwitchRule, QuantGap, blocks_of, gap_quantizer
 from bitflow.callbacks.spike import SpikeTracker
 from bitflow.config import NEEDS_QUANT, check_int, fail, quant_and_transition
-from bitflow.models import model_root
+from bitflow.models import gathered, is_sharded, model_root
 from bitflow.quant.recipe import OPTIMIZER_MODES, Conversion, QuantRecipe, check_mode
 from bitflow.quant.recipes import recipe_from_config
 from bitflow.schedules import PHASE_IN_SCHEDULES, phase_in, resolve_switch_step, rewarmup
@@ -494,7 +494,7 @@ class PrecisionTransition(Callback):
             return
         # the model between steps is the model of trainer.global_step (validation and checkpoints see it)
         self._set_strength(pl_module, trainer.global_step)
-        if log_step and trainer.is_global_zero:
+        if log_step and (trainer.is_global_zero or is_sharded(pl_module)):  # sharded: collectives, every rank
             self._log_recipe_metrics(trainer, pl_module, step)
 
     def _between_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -525,7 +525,7 @@ class PrecisionTransition(Callback):
     def _log_recipe_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         metrics = self.recipe.metrics(model_root(pl_module), trainer.optimizers[0] if trainer.optimizers else None)
         if metrics:  # one host transfer for all of them
-            values = torch.stack([v.detach().double().reshape(()).cpu() for v in metrics.values()]).tolist()
+            values = torch.stack([gathered(v.detach()).double().reshape(()).cpu() for v in metrics.values()]).tolist()
             log_scalars(trainer, dict(zip(metrics, values, strict=True)), step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -34,10 +35,13 @@ def compile_model(model: nn.Module, mode: bool | str = False) -> tuple[nn.Module
     Each is compiled on its first call: training calls only the hidden states (the loss applies the head).
     """
     mode = check_compile(mode)
-    hidden = getattr(model, "hidden_states", None)  # the other families (bitflow.tasks) compute their own losses
+    # through the module call (model(x, hidden_only=True)), not model.hidden_states: FSDP2 gathers a sharded
+    # model's weights around its forward; the other families (bitflow.tasks) compute their own losses
+    decoder = hasattr(model, "hidden_states")
     if mode is True:
-        return torch.compile(model), (torch.compile(hidden) if hidden is not None else None)
+        compiled = torch.compile(model)
+        return compiled, (functools.partial(compiled, hidden_only=True) if decoder else None)
     if mode == "regional":
         for block in getattr(model, "layers", ()):
             block.compile()
-    return model, hidden
+    return model, (functools.partial(model, hidden_only=True) if decoder else None)

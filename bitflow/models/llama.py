@@ -247,6 +247,9 @@ class Llama(nn.Module):
             cache.length = start + t
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab_size]; with ``cache`` see :meth:`hidden_states`."""
-        return self.lm_head(self.hidden_states(idx, cache))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, hidden_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab_size]; with ``cache`` see :meth:`hidden_states`. ``hidden_only``: the hidden states
+        (training's chunked loss applies the head itself), through the module call, so that wrappers that act
+        around ``forward`` (FSDP2's gathering of sharded weights, hooks) see it."""
+        h = self.hidden_states(idx, cache)
+        return h if hidden_only else self.lm_head(h)

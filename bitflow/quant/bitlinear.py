@@ -275,6 +275,24 @@ class BitLinear(nn.Linear):
         layer._setup(full, linear.weight.device)
         return layer
 
+    @classmethod
+    def become(cls, linear: nn.Linear, **options) -> BitLinear:
+        """Turn the plain ``nn.Linear`` object ``linear`` itself into a BitLinear (its class changes in place; the
+        same module object, Parameters and hooks). For modules that something holds by identity, such as FSDP2's
+        ``fully_shard`` units, which gather a sharded weight into the very module around each forward: the
+        BitLinear then quantizes the whole gathered matrix, with the scale one device would compute."""
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"BitLinear.become needs a plain nn.Linear, got {type(linear).__name__}")
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            raise ValueError(f"unknown BitLinear option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}")
+        full = {**_DEFAULT_OPTIONS, **options}
+        _validate_options(linear.in_features, **full)
+        device = linear.weight.device
+        linear.__class__ = cls
+        linear._setup(full, device)
+        return linear
+
     def options(self) -> dict:
         """The keyword options this layer was built with (to build an equal one)."""
         return {name: getattr(self, name) for name in _DEFAULT_OPTIONS}
@@ -312,10 +330,13 @@ class BitLinear(nn.Linear):
     def quantized_weight(self) -> tuple[Tensor, Tensor]:
         """``(codes, s_w)`` of the full-strength quantizer: int8 codes of the weight's shape and the float32 scale.
 
-        ``W ~= codes / s_w`` (scale shapes: see :func:`bitflow.quant.functional.absmean`).
+        ``W ~= codes / s_w`` (scale shapes: see :func:`bitflow.quant.functional.absmean`). An FSDP2-sharded weight
+        is gathered first (a collective: every rank calls this), so the scale is the whole matrix's, as in forward.
         """
+        from bitflow.models import gathered
+
         codes, scale = QF.quantize_weight(
-            self.weight, self.weight_scale, self.granularity, self.group_size, self.weight_bits, self.eps
+            gathered(self.weight), self.weight_scale, self.granularity, self.group_size, self.weight_bits, self.eps
         )
         return codes.to(torch.int8), scale
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from bitflow.models import is_sharded
 from bitflow.quant.bitlinear import _DEFAULT_OPTIONS, _OPTION_NAMES, BitLinear, _validate_options
 from bitflow.quant.select import first_names, linear_kinds, match_name, replace_modules, select_layers
 
@@ -98,8 +99,12 @@ def to_bitlinear(
     linears = {id(m): as_linear(m, n) for n, m in targets}  # torch-geometric Linear -> nn.Linear, same Parameters
     for m in linears.values():  # validate every layer before touching any
         _validate_options(m.in_features, **full)
-    replace_modules(model, {key: BitLinear.from_linear(m, **options) for key, m in linears.items()})
+    sharded = {key for key, m in linears.items() if is_sharded(m.weight)}
+    for key in sharded:  # FSDP2 holds these modules by identity: they become BitLinear in place (same object)
+        BitLinear.become(linears[key], **options)
+    replace_modules(model, {key: BitLinear.from_linear(m, **options) for key, m in linears.items() if key not in sharded})
     return [name for name, _ in targets]
+
 
 
 def to_linear(model: nn.Module) -> list[str]:
