@@ -372,6 +372,13 @@ NEEDS_QUANT = (
 )
 
 
+def training_recipes() -> list[str]:
+    """The names of the registered recipes a run can train with (``quant.recipe``)."""
+    from bitflow.quant.recipes import RECIPES
+
+    return [name for name, cls in RECIPES.items() if cls.trains]
+
+
 def quant_and_transition(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
     """What (the ``quant`` recipe, None = 16-bit) and when (the ``transition`` arguments, None = no transition
     selected: a recipe then applies from the first step) of a run, checked without Lightning.
@@ -383,6 +390,9 @@ def quant_and_transition(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
     from bitflow.quant.recipes import recipe_from_config
 
     recipe = recipe_from_config(to_plain(OmegaConf.select(cfg, "quant")))
+    if recipe is not None and not recipe.trains:
+        fail("quant.recipe", recipe.name, f"a recipe that trains ({', '.join(training_recipes())}); {recipe.name} is "
+             f"applied once to a trained checkpoint: bitflow-ptq ckpt=... method=...")
     node = OmegaConf.select(cfg, "transition")
     trans = dict(to_plain(node)) if node is not None else {}
     target = trans.pop("_target_", None)

@@ -120,6 +120,8 @@ class QuantRecipe(abc.ABC):
     supports_phase_in: ClassVar[bool] = False
     # whether convert keeps every Parameter (BitLinear) or removes some (DQT drops the float weights)
     keeps_parameters: ClassVar[bool] = True
+    # whether a run can train with it (quant.recipe); False: applied once to a trained model (post-training)
+    trains: ClassVar[bool] = True
 
     def __init__(self, options: QuantOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -73,3 +73,13 @@ def test_gptq_is_sequential_block_by_block():
     assert torch.equal(layer.weight, layer.dequantized()) and set(layer.codes.unique().tolist()) <= {0, 1, 2, 3}
     x = torch.randn(3, layer.in_features)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantized()))
+
+
+def test_a_run_cannot_train_with_the_post_training_recipe():
+    from bitflow.config import ConfigError, quant_and_transition
+    from tests.helpers import compose
+
+    cfg = compose(["paths.output_dir=.", "quant.recipe=ptq"])  # quant=none (default) plus the recipe name
+    with pytest.raises(ConfigError, match=r"quant.recipe='ptq' is not allowed; allowed: a recipe that trains "
+                                          r"\(bitlinear, dqt\).*bitflow-ptq ckpt="):
+        quant_and_transition(cfg)

@@ -72,6 +72,7 @@ class PTQRecipe(QuantRecipe):
 
     name = "ptq"
     Options = PTQQuant
+    trains = False  # bitflow-ptq applies it once, to a trained checkpoint
     options: PTQQuant
 
     def __init__(self, options: PTQQuant | None = None) -> None:
