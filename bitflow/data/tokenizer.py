@@ -133,12 +133,23 @@ def _cached_tokenizer(path: Path) -> Tokenizer | None:
     return None
 
 
+# the end-of-document tokens of bitflow's own tokenizers (first) and of imported ones (Llama 3, Llama 2/Mistral, ...)
+EOS_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
+
+
+def eos_token(tokenizer: Tokenizer) -> str:
+    """The tokenizer's end-of-document token: the first of :data:`EOS_TOKENS` it has (``<|endoftext|>`` for
+    bitflow's own). ValueError naming them if it has none."""
+    for token in EOS_TOKENS:
+        if tokenizer.token_to_id(token) is not None:
+            return token
+    raise ValueError(f"tokenizer has none of the end-of-document tokens {list(EOS_TOKENS)}; bitflow's token streams "
+                     f"separate documents with one")
+
+
 def eos_id(tokenizer: Tokenizer) -> int:
-    """Id of ``<|endoftext|>``; ValueError if the tokenizer lacks it (not a bitflow tokenizer)."""
-    idx = tokenizer.token_to_id(EOS_TOKEN)
-    if idx is None:
-        raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token; bitflow tokenizers separate documents with it")
-    return idx
+    """Id of the tokenizer's end-of-document token (:func:`eos_token`)."""
+    return tokenizer.token_to_id(eos_token(tokenizer))
 
 
 def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:

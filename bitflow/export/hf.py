@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from bitflow.data.tokenizer import EOS_TOKEN, eos_id
+from bitflow.data.tokenizer import eos_id, eos_token
 from bitflow.models.llama import LlamaConfig
 
 __all__ = [
@@ -110,8 +110,8 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
+        eos_token=eos_token(tokenizer),
+        bos_token=eos_token(tokenizer),
         model_max_length=max_len,
         clean_up_tokenization_spaces=False,
     )
@@ -244,7 +244,8 @@ def load_hf_model(path: str | Path, max_seq_len: int | None = None) -> tuple[Lla
 
 
 def hf_tokenizer_file(path: str | Path) -> Path:
-    """The directory's ``tokenizer.json``; bitflow needs a fast tokenizer with ``<|endoftext|>``."""
+    """The directory's ``tokenizer.json``; bitflow needs a fast tokenizer with an end-of-document token
+    (:data:`bitflow.data.tokenizer.EOS_TOKENS`)."""
     file = Path(path).expanduser() / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(

@@ -94,3 +94,21 @@ def test_datamodule_uses_given_tokenizer(tmp_path: Path, datamodule: TokenDataMo
     # vocab_size is ignored (even an invalid one) when a tokenizer file is given
     dm = TokenDataModule(stdlib_small, seq_len=8, batch_size=2, vocab_size=1, tokenizer_path=str(path))
     assert dm.tokenizer_json == datamodule.tokenizer_json and dm.vocab_size == 320
+
+
+def test_imported_tokenizers_end_documents_with_their_own_eos_token():
+    """An imported (model=hf) tokenizer ends documents with its own EOS token: Llama 3's <|end_of_text|>, Llama 2's
+    and Mistral's </s>; bitflow's own keep <|endoftext|>, and a tokenizer with none of them is refused by name."""
+    from tokenizers import Tokenizer, models
+
+    from bitflow.data.tokenizer import EOS_TOKENS, eos_id, eos_token
+
+    def vocab(*tokens: str) -> Tokenizer:
+        return Tokenizer(models.WordLevel({t: i for i, t in enumerate(["a", "b", *tokens])}, unk_token="a"))
+
+    assert (eos_token(vocab("</s>")), eos_id(vocab("</s>"))) == ("</s>", 2)
+    assert eos_token(vocab("<|end_of_text|>", "</s>")) == "<|end_of_text|>"
+    assert eos_token(vocab("</s>", EOS_TOKEN)) == EOS_TOKEN  # bitflow's own first
+    with pytest.raises(ValueError, match=r"none of the end-of-document tokens \['<\|endoftext\|>'"):
+        eos_id(vocab("<pad>"))
+    assert EOS_TOKENS[0] == EOS_TOKEN
