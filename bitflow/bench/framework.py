@@ -77,6 +77,9 @@ def bare_loop(overrides: list[str]) -> float:
     data.setup("fit")
     lm = LanguageModel(model={**to_plain(cfg.model), "vocab_size": data.vocab_size},
                        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler))
+    # a Trainer that is never run: the LR schedule reads its length from lm.trainer.max_steps
+    lm.trainer = L.Trainer(max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False)
     setup = lm.configure_optimizers()
     opt, sched = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     bf16 = cfg.trainer.precision == "bf16-mixed"
