@@ -1,7 +1,7 @@
 """Text generation with a KV cache: ``bitflow-generate`` and the loop lm-eval's ``generate_until`` runs.
 
-    bitflow-generate ckpt=<run>/checkpoints/last.ckpt prompt='def fib(n):' max_new_tokens=64
-    bitflow-generate ckpt=... prompt='import os' temperature=0 packed=true      # greedy, packed ternary weights
+    bitflow-generate ckpt=<run>/checkpoints/last.ckpt "prompt='def fib(n):'" max_new_tokens=64
+    bitflow-generate ckpt=... "prompt='import os'" temperature=0 packed=true      # greedy, packed ternary weights
 
 The prompt is encoded once (prefill) and every new token is one forward pass of one position over the cached keys
 and values (:class:`bitflow.models.llama.KVCache`): the prefix is never recomputed while it fits the context.
