@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,26 @@ def report_config_error(error: ConfigError) -> None:
         raise error
     log.error("config error: %s", error)
     raise SystemExit(2)
+
+
+def hydra_app(config_name: str, task: Callable[[DictConfig], Any], doc: str) -> Callable[[], None]:
+    """The console script of a bitflow Hydra app over ``conf/<config_name>.yaml`` (``bitflow-eval``,
+    ``bitflow-ptq``, ...): ``-m`` allowed anywhere among the overrides, and a bad setting (``ConfigError``) is one
+    "config error: ..." line with exit code 2 (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    def _app(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except ConfigError as err:
+            report_config_error(err)
+
+    def main() -> None:
+        sys.argv[1:] = hydra_argv(sys.argv[1:])
+        _app()
+
+    main.__doc__ = doc
+    return main
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
+from bitflow.cli import CONFIG_DIR, hydra_app
 from bitflow.config import ConfigError, check_int, fail
 
 log = logging.getLogger("bitflow.generate")
@@ -217,19 +216,7 @@ def run_generate(settings: Mapping[str, Any] | DictConfig, out: Any = None) -> s
     return tok.decode(stream.ids, skip_special_tokens=False)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=GENERATE_CONFIG)
-def _generate(cfg: DictConfig) -> None:
-    try:
-        run_generate(cfg)
-    except ConfigError as err:
-        report_config_error(err)
-
-
-def main() -> None:
-    """The ``bitflow-generate`` console script."""
-    sys.argv[1:] = hydra_argv(sys.argv[1:])
-    _generate()
-
+main = hydra_app(GENERATE_CONFIG, run_generate, "The ``bitflow-generate`` console script.")
 
 if __name__ == "__main__":
     main()

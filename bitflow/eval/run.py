@@ -29,7 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
+from bitflow.cli import hydra_app
 from bitflow.config import ConfigError, run_dir_of
 from bitflow.eval.config import EVAL_CONFIG, check_eval_config, eval_config, eval_output_dir
 from bitflow.io import atomic_write_text
@@ -183,7 +183,6 @@ def _run_data_config(ckpt: str) -> tuple[Any, Any]:
     if cfg_path is None or not cfg_path.is_file():
         log.info("no run config next to %s: perplexity on the default stdlib validation split", ckpt)
         return None, None
-    import hydra
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(cfg_path)
@@ -272,20 +271,7 @@ def evaluate_checkpoint(settings: Mapping[str, Any] | DictConfig) -> dict[str, A
     return record
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=EVAL_CONFIG)
-def _eval(cfg: DictConfig) -> None:
-    """``bitflow-eval``'s Hydra task: a bad setting is one "config error: ..." line and exit code 2, as for
-    ``bitflow`` (the traceback only with ``HYDRA_FULL_ERROR=1``)."""
-    try:
-        evaluate_checkpoint(cfg)
-    except ConfigError as err:
-        report_config_error(err)
-
-
-def main() -> None:
-    """The ``bitflow-eval`` console script: Hydra's app over conf/eval.yaml, with ``-m`` allowed anywhere."""
-    sys.argv[1:] = hydra_argv(sys.argv[1:])
-    _eval()
+main = hydra_app(EVAL_CONFIG, evaluate_checkpoint, "The ``bitflow-eval`` console script: Hydra's app over conf/eval.yaml.")
 
 
 def lm_eval_cli(argv: list[str] | None = None) -> None:

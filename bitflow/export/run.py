@@ -9,15 +9,13 @@ existing ``out`` is refused unless ``overwrite=true``.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
+from bitflow.cli import CONFIG_DIR, hydra_app
 from bitflow.config import ConfigError, fail
 
 log = logging.getLogger("bitflow.export")
@@ -96,19 +94,7 @@ def export_checkpoint(settings: Mapping[str, Any] | DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=EXPORT_CONFIG)
-def _export(cfg: DictConfig) -> None:
-    try:
-        export_checkpoint(cfg)
-    except ConfigError as err:
-        report_config_error(err)
-
-
-def main() -> None:
-    """The ``bitflow-export`` console script."""
-    sys.argv[1:] = hydra_argv(sys.argv[1:])
-    _export()
-
+main = hydra_app(EXPORT_CONFIG, export_checkpoint, "The ``bitflow-export`` console script.")
 
 if __name__ == "__main__":
     main()

@@ -19,16 +19,14 @@ import inspect
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bitflow.cli import CONFIG_DIR, hydra_argv, report_config_error
+from bitflow.cli import hydra_app
 from bitflow.config import ConfigError, check_int, fail
 from bitflow.eval.config import eval_output_dir
 from bitflow.io import atomic_write_text
@@ -308,20 +306,7 @@ def run_settings(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     return record
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="ptq")
-def _ptq(cfg: DictConfig) -> None:
-    """``bitflow-ptq``'s Hydra task: a bad setting is one "config error: ..." line and exit code 2."""
-    try:
-        run_settings(cfg)
-    except ConfigError as err:
-        report_config_error(err)
-
-
-def main() -> None:
-    """The ``bitflow-ptq`` console script: Hydra's app over conf/ptq.yaml, with ``-m`` allowed anywhere."""
-    sys.argv[1:] = hydra_argv(sys.argv[1:])
-    _ptq()
-
+main = hydra_app("ptq", run_settings, "The ``bitflow-ptq`` console script: Hydra's app over conf/ptq.yaml.")
 
 if __name__ == "__main__":
     main()
