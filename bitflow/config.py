@@ -344,13 +344,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={ckpt!r} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
     with config_errors():
         t0 = planned_switch_step(cfg)  # quant options, quant/transition combination, transition.at against the run
-        recipe, _ = quant_and_transition(cfg)
+        recipe, trans = quant_and_transition(cfg)
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    if "ModelParallelStrategy" in strategy and recipe is not None and recipe.name != "bitlinear":
+    if "ModelParallelStrategy" in strategy and recipe is not None and recipe.name == "dqt" and trans is not None:
         raise ConfigError(
-            f"trainer=fsdp with quant.recipe={recipe.name!r} is not supported: sharded training (FSDP2) takes 16-bit "
-            "and BitLinear runs (quant=ternary..., from the start or through a transition); DQT replaces the "
-            "Parameters FSDP2 holds with int8 codes; use trainer=ddp for it"
+            "trainer=fsdp with a transition to quant.recipe='dqt' is not supported: the switch replaces each float "
+            "weight with int8 codes, and FSDP2 cannot release a Parameter it shards (it would keep gathering the "
+            "float weights every step); train DQT from the first step (transition=none) or use trainer=ddp"
         )
     if "ModelParallelStrategy" in strategy and OmegaConf.select(cfg, "transition.gap_every", default=0):
         fail("transition.gap_every", OmegaConf.select(cfg, "transition.gap_every"),

@@ -23,7 +23,7 @@ from bitflow.checkpoint import (  # read_checkpoint: re-exported, its home is bi
     check_same_model,
     read_checkpoint,
 )
-from bitflow.models import model_root  # re-exported: the one unwrap helper lives in bitflow.models
+from bitflow.models import clip_grad_norm, is_sharded, model_root  # model_root: re-exported, its home is bitflow.models
 from bitflow.models.compile import compile_model
 from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.models.loss import next_token_loss
@@ -217,6 +217,19 @@ class LanguageModel(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except when FSDP2-sharded and plain gradients meet in one optimizer (DQT's leaves
+        under ``trainer=fsdp``), which ``torch.nn.utils.clip_grad_norm_`` refuses: then the same norm clipping over
+        both (:func:`bitflow.models.clip_grad_norm`)."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        mixed = len({is_sharded(g) for g in grads}) == 2
+        if not (mixed and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_grad_norm(grads, float(gradient_clip_val))
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scheduler_cfg.get("weight_decay_off_at") is not None and self._trainer is not None:
             apply_weight_decay_factor(unwrap_optimizer(optimizer), self.lr_schedule, self.trainer.global_step)
@@ -242,8 +255,30 @@ class LanguageModel(L.LightningModule):
             "data": getattr(self, "data_config", None),
         }
 
+        # optimizer state that is not per Parameter (DQTAdamW's moments and rounding generators): under FSDP2 the
+        # strategy's torch.distributed.checkpoint conversion drops it from the collected state dict; put it back
+        # where a single-process or DDP checkpoint has it (rank 0 writes the file; the other ranks hold {})
+        if self._trainer is not None:
+            for sd, opt in zip(checkpoint.get("optimizer_states", []), self.trainer.optimizers):
+                opt = unwrap_optimizer(opt)
+                key = getattr(opt, "EXTRA_STATE_KEY", None)
+                if key is not None and sd and key not in sd:
+                    sd[key] = opt.extra_state()
+
+    def on_train_start(self) -> None:
+        """Restore the optimizer state that an FSDP2 resume could not hand to the optimizer (see
+        :meth:`on_save_checkpoint`): once all states are loaded, an optimizer still without it takes the
+        checkpoint's."""
+        pending, self._optimizer_extra = getattr(self, "_optimizer_extra", []), []
+        for extra, opt in zip(pending, self.trainer.optimizers):
+            if extra is not None:  # (after a DDP or single-process resume: loaded again, the same values)
+                unwrap_optimizer(opt).load_extra_state(extra)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the model, take the tokenizer and rebuild the quantized layers before the weights load."""
+        optimizers = [unwrap_optimizer(o) for o in self.trainer.optimizers] if self._trainer is not None else []
+        self._optimizer_extra = [sd.get(getattr(o, "EXTRA_STATE_KEY", None) or "", None) if hasattr(o, "load_extra_state") else None
+                                 for sd, o in zip(checkpoint.get("optimizer_states", []), optimizers)]
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("this checkpoint was not written by bitflow (it has no 'bitflow' section)")

@@ -1,5 +1,6 @@
 """``trainer=fsdp`` (FSDP2 through Lightning's ModelParallelStrategy) on CPU with 2 gloo processes: the same losses
-as DDP with the same global batch, an exact resume, and a checkpoint that loads into one process."""
+as DDP with the same global batch, an exact resume, and a checkpoint that loads into one process; for 16-bit, a
+mid-run switch to BitLinear, absmedian BitLinear from step 0, and DQT from step 0."""
 
 from __future__ import annotations
 
@@ -60,11 +61,48 @@ def test_fsdp_matches_ddp_resumes_exactly_and_loads_in_one_process(quant: list[s
     assert torch.isfinite(model.loss(batch))
 
 
+@pytest.mark.slow
+def test_fsdp_dqt_matches_ddp_resumes_with_its_moments_and_loads_in_one_process(tmp_path: Path, cache_dir: Path):
+    """DQT under FSDP2: the int8 codes (buffers) and the DQT moments stay replicated, every other Parameter is
+    sharded; the same losses and code flip rates as DDP, and a resume from step 4 continues exactly, which needs the
+    DQT moments and rounding generators that torch.distributed.checkpoint drops from the optimizer state."""
+    keep = ["+callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.filename='step{step}'"]
+    run = [*RUN, "quant=dqt_ternary", "trainer.log_every_n_steps=1"]
+    _bitflow([*run, *keep, "trainer=fsdp", f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, cache_dir)
+    _bitflow([*run, "trainer=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, cache_dir)
+    runs = {r: read_scalars(tmp_path / r / "tb") for r in ("fsdp", "ddp")}
+    fsdp = _losses(tmp_path / "fsdp")
+    assert len(fsdp) == 8 and fsdp == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5)
+    flips = {r: [v for _, v in s["quant/flip_rate"]] for r, s in runs.items()}
+    assert len(flips["fsdp"]) == 8 and flips["fsdp"] == pytest.approx(flips["ddp"], rel=1e-5)
+
+    at4 = tmp_path / "fsdp" / "checkpoints" / "step4.ckpt"
+    saved = torch.load(at4, map_location="cpu", weights_only=False)["optimizer_states"][0]
+    assert len(saved["dqt"]["state"]) == 14 and saved["dqt"]["state"]["layers.0.attn.wq"]["step"] == 4
+    _bitflow([*run, "trainer=fsdp", f"ckpt_path={at4}", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path,
+             cache_dir)
+    resumed = read_scalars(tmp_path / "resumed" / "tb")
+    assert [v for _, v in resumed["train/loss"]][-4:] == pytest.approx(fsdp[4:], rel=1e-6)
+    assert [v for _, v in resumed["quant/flip_rate"]][-4:] == pytest.approx(flips["fsdp"][4:], rel=1e-6)
+
+    from bitflow.lm import load_checkpoint
+    from bitflow.quant.dqt import DQTLinear
+
+    model = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
+    layers = [m for m in model.modules() if isinstance(m, DQTLinear)]
+    assert len(layers) == 14 and all(set(m.codes.unique().tolist()) <= {-1, 0, 1} for m in layers)
+    batch = torch.randint(0, model.model.config.vocab_size, (2, 17))
+    assert torch.isfinite(model.loss(batch))
+
+
 def test_fsdp_refuses_what_it_cannot_shard_before_training(tiny_overrides):
     from bitflow.cli import prepare_config
 
-    with pytest.raises(ConfigError, match="trainer=fsdp with quant.recipe='dqt' is not supported.*trainer=ddp"):
-        prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=dqt_ternary"]))
+    with pytest.raises(ConfigError, match="trainer=fsdp with a transition to quant.recipe='dqt' is not supported.*"
+                                          "transition=none.*trainer=ddp"):
+        prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=dqt_ternary", "transition=default"]))
+    prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=dqt_ternary"]))  # DQT from step 0: accepted
     with pytest.raises(ConfigError, match="transition.gap_every=10 is not allowed; allowed: 0 with trainer=fsdp"):
         prepare_config(compose([*tiny_overrides, "trainer=fsdp", "quant=ternary", "transition=default",
                                 "transition.gap_every=10"]))

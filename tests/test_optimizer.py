@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -58,3 +59,18 @@ def test_fused_adamw_trains_under_a_grad_scaler_with_gradient_clipping(tmp_path)
     trainer.fit(lm, train_dataloaders=batches)
     assert trainer.global_step == 2
     assert trainer.optimizers[0].defaults["fused"] is True
+
+
+def test_clip_grad_norm_is_torchs_norm_clipping_over_all_gradients():
+    """bitflow.models.clip_grad_norm (used when FSDP2-sharded and plain DQT gradients meet) scales by
+    max_norm / (norm + 1e-6) when the joint norm is larger, as torch.nn.utils.clip_grad_norm_ does."""
+    from bitflow.models import clip_grad_norm, grad_norm
+
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([[0.0], [4.0]], dtype=torch.float64)  # joint norm 5
+    assert float(grad_norm([a, b])) == pytest.approx(5.0)
+    norm = clip_grad_norm([a, b], 1.0)
+    assert float(norm) == pytest.approx(5.0)
+    assert a.tolist() == pytest.approx([3.0 / (5.0 + 1e-6), 0.0]) and b[1, 0].item() == pytest.approx(4.0 / (5.0 + 1e-6))
+    c = torch.tensor([0.3, 0.4])
+    clip_grad_norm([c], 1.0)  # norm 0.5 <= 1: unchanged
+    assert c.tolist() == pytest.approx([0.3, 0.4])

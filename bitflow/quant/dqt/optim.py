@@ -279,15 +279,24 @@ class DQTAdamW(torch.optim.AdamW):
             sd = super().state_dict()
         finally:
             self._dqt_params.extend(leaves)
+        sd[self.EXTRA_STATE_KEY] = self.extra_state()
+        return sd
+
+    #: the key of :meth:`extra_state` in :meth:`state_dict`: state that is not per Parameter. Under FSDP2,
+    #: ``torch.distributed.checkpoint`` rebuilds optimizer state dicts from Parameter states alone and drops it;
+    #: bitflow's LanguageModel writes it back into the checkpoint and restores it (:meth:`load_extra_state`)
+    EXTRA_STATE_KEY = "dqt"
+
+    def extra_state(self) -> dict[str, Any]:
+        """The DQT layers' moments (per layer name), the rounding generators' states, the seed and moment dtype."""
         rng = dict(self._pending_rng)
         rng.update({key: gen.get_state() for key, gen in self._generators.items()})
-        sd["dqt"] = {
+        return {
             "state": {name: dict(st) for name, st in self.dqt_state.items()},
             "rng": rng,
             "seed": self.seed,
             "moment_dtype": self.moment_dtype,
         }
-        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sd = dict(state_dict)
@@ -299,8 +308,11 @@ class DQTAdamW(torch.optim.AdamW):
         finally:
             self._dqt_params.extend(leaves)
             self._dqt_group["params"] = self._dqt_params  # load_state_dict rebuilt the group dicts
-        if dqt is None:
-            return
+        if dqt is not None:
+            self.load_extra_state(dqt)
+
+    def load_extra_state(self, dqt: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (moments move to their layer's device and ``moment_dtype``)."""
         known = {name: m for name, m in self.dqt_entries}
         unknown = sorted(set(dqt["state"]) - set(known))
         if unknown:
