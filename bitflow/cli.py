@@ -285,6 +285,7 @@ def _fit(cfg: DictConfig, rollbacks: int = 0) -> dict[str, float]:
             compile=cfg.get("compile", False),
             tokenizer_json=datamodule.tokenizer_json,
             quant=to_plain(cfg.get("quant")),
+            attention=cfg.get("attention", "auto"),
         )
     else:  # the task's LightningModule (bitflow.tasks), sized by the data
         with config_errors():

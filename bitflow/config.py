@@ -303,8 +303,14 @@ def check_config(cfg: DictConfig) -> None:
     check_optimizer(to_plain(cfg.optimizer))
     from bitflow.models.compile import check_compile
 
+    from bitflow.models.llama import check_attention
+
     with config_errors():
         check_compile(cfg.get("compile", False))
+        check_attention(cfg.get("attention", "auto"))
+    if task.name != "causal_lm" and cfg.get("attention", "auto") != "auto":
+        fail("attention", cfg.get("attention"), f"auto with task={task.name} (the key picks the decoder's causal "
+             "attention kernel; the other families use torch's scaled_dot_product_attention)")
     check_fault(to_plain(cfg.get("fault")) or {})
     threads = cfg.get("threads", "auto")
     if threads != "auto":

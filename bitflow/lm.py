@@ -82,6 +82,8 @@ class LanguageModel(L.LightningModule):
         tokenizer_json: the tokenizer, serialised; stored in every checkpoint so a checkpoint is self-contained.
         quant: the ``quant`` config: ``recipe`` (``none``, ``bitlinear``, ``dqt``) and its options; ``None`` =
             16-bit. The recipe is ``self.quant_recipe``.
+        attention: the decoder's causal attention kernel, ``auto``, ``sdpa`` or ``matmul``
+            (:func:`bitflow.models.llama.causal_attention`).
     """
 
     def __init__(
@@ -92,10 +94,13 @@ class LanguageModel(L.LightningModule):
         compile: bool | str = False,
         tokenizer_json: str | None = None,
         quant: Mapping[str, Any] | None = None,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer_json"])
         self.model = self.build_model(dict(model))
+        if hasattr(self.model, "set_attention"):  # (the decoders; other families have their own attention)
+            self.model.set_attention(attention)
         self.optimizer_cfg = dict(optimizer or {})
         self.scheduler_cfg = dict(scheduler or {})
         self.tokenizer_json = tokenizer_json

@@ -85,3 +85,61 @@ def test_bad_config_is_rejected_with_the_value(kw, match):
 def test_longer_sequence_than_context_raises():
     with pytest.raises(ValueError, match="max_seq_len=16"):
         Llama(tiny())(torch.zeros(1, 17, dtype=torch.long))
+
+
+def _qkv(dtype, b=2, h=3, t=17, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, d, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def test_matmul_attention_is_the_causal_attention_formula():
+    """softmax(q k^T / sqrt(d) + causal -inf) v, written out by hand, and torch's SDPA: the same outputs and
+    gradients in float32."""
+    import math
+
+    import torch.nn.functional as F
+
+    from bitflow.models.llama import causal_attention
+
+    q, k, v = _qkv(torch.float32)
+    t = q.shape[2]
+    y = causal_attention(q, k, v, "matmul")
+    by_hand = torch.empty_like(y)
+    for i in range(t):  # query i sees keys 0..i
+        w = torch.softmax((q[:, :, i : i + 1] @ k[:, :, : i + 1].transpose(-1, -2)) / math.sqrt(q.shape[-1]), -1)
+        by_hand[:, :, i : i + 1] = w @ v[:, :, : i + 1]
+    torch.testing.assert_close(y, by_hand, rtol=1e-6, atol=1e-6)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, sdpa, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(sdpa, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_attention_takes_the_matmul_form_on_cpu_only_below_the_score_budget(monkeypatch):
+    import torch.nn.functional as F
+
+    import bitflow.models.llama as llama
+
+    q, k, v = _qkv(torch.bfloat16)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    matmul = llama.causal_attention(q, k, v, "matmul")
+    assert torch.equal(llama.causal_attention(q, k, v, "auto"), matmul)  # 2 x 3 x 17 x 17 scores: under budget
+    assert not torch.equal(matmul, sdpa)  # bf16 scores/probabilities: not the flash kernel's bits ...
+    torch.testing.assert_close(matmul.float(), sdpa.float(), rtol=0, atol=3e-2)  # ... but bf16-close
+    assert torch.equal(llama.causal_attention(q, k, v, "sdpa"), sdpa)
+    monkeypatch.setattr(llama, "MATMUL_ATTENTION_SCORES", 2 * 3 * 17 * 17 - 1)
+    assert torch.equal(llama.causal_attention(q, k, v, "auto"), sdpa)
+
+
+def test_set_attention_reaches_every_block_and_bad_modes_are_refused():
+    model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16))
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        auto = model(idx)
+        model.set_attention("sdpa")
+        assert [b.attn.mode for b in model.layers] == ["sdpa", "sdpa"]
+        torch.testing.assert_close(model(idx), auto, rtol=1e-5, atol=1e-5)  # float32: the same logits
+    with pytest.raises(ValueError, match="attention='flash' is not allowed; allowed: auto, sdpa, matmul"):
+        model.set_attention("flash")

@@ -30,10 +30,13 @@ def cpu_name() -> str:
 
 
 def machine_line() -> str:
-    """The header line of every table: CPU model, torch's CPU capability, native bf16, threads (and the GPU)."""
+    """The header line of every table: CPU model, torch's CPU capability, native bf16, threads, the malloc setting
+    (:mod:`bitflow.bench`) and the GPU."""
     import torch
 
-    line = f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from bitflow.bench import ALLOCATOR
+
+    line = f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; malloc: {ALLOCATOR}"
     if torch.cuda.is_available():
         line += f"; GPU: {torch.cuda.get_device_name()}"
     return line

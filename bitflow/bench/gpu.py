@@ -35,6 +35,7 @@ def spectra_rows(quick: bool) -> list[dict[str, Any]]:
     for name, model in train.models(cfg, "cuda").items():
         if model is not None and not name.startswith("HF"):
             steps[name] = train.train_step_fn(model, batch, bf16, hf=False, device="cuda")
+            steps[name]()  # warm-up (and, for the compiled variants, compilation)
             steps[name]()
     times = interleaved(steps, repeats=5 if quick else 7, iters=1 if quick else 5, device="cuda")
     tokens = batch_size * seq_len

@@ -7,7 +7,8 @@ model returns logits and the loss is ``F.cross_entropy`` of them in float32. Var
 round; reported: the median tokens/s with the spread, and the ratios (goal: ternary / 16-bit step time <= 1.03,
 bitflow / HF throughput >= 1.3). The bound of ternary / 16-bit: the quantizers' passes over weights and
 activations (see the bitlinear bench); of bitflow / HF: the same matmuls, so only the loss, the attention kernel
-and the framework's own elementwise work can differ.
+and the framework's own elementwise work can differ. A third table times the causal attention kernels (torch's
+SDPA and the matmul form ``attention: auto`` takes on the CPU) on each shape's heads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from bitflow.bench.common import default_bf16, interleaved, median, print_table, spread
 from bitflow.lm import param_groups
+from bitflow.models.compile import compile_model
 from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.models.loss import next_token_loss
 from bitflow.quant.recipe import adamw
@@ -73,11 +75,13 @@ def models(cfg: LlamaConfig, device: str = "cpu") -> dict[str, torch.nn.Module |
     """``16-bit`` and ``ternary`` (the default ``quant=ternary`` recipe) bitflow decoders with the same initial
     weights, and the HF decoder of the same shape (None without transformers)."""
     out: dict[str, torch.nn.Module | None] = {}
-    for name in ("16-bit", "ternary"):
+    for name in ("16-bit", "ternary", "16-bit, compile: regional", "ternary, compile: regional"):
         torch.manual_seed(0)
         model = Llama(cfg)
-        if name == "ternary":
+        if name.startswith("ternary"):
             recipe_from_config({"recipe": "bitlinear"}).convert(model)
+        if name.endswith("regional"):  # what `compile: regional` does in a run (each block compiled, code shared)
+            compile_model(model, "regional")
         out[name] = model.to(device)
     torch.manual_seed(0)
     hf = hf_llama(cfg)
@@ -85,8 +89,47 @@ def models(cfg: LlamaConfig, device: str = "cpu") -> dict[str, torch.nn.Module |
     return out
 
 
+def run_attention(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+    """Causal attention forward + backward of each model shape's heads (batch 16 x 256 tokens): torch's
+    ``scaled_dot_product_attention`` against the matmul form that ``attention: auto`` takes on the CPU
+    (:func:`bitflow.models.llama.causal_attention`), interleaved; precision as a default run."""
+    from bitflow.models.llama import causal_attention
+
+    bf16 = default_bf16(device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    repeats, iters = (5, 1) if quick else (7, 5)
+    rows = []
+    for name, fields, seq_len, batch_size in [QUICK_SHAPE] if quick else SHAPES:
+        heads, head_dim = fields["n_heads"], fields["d_model"] // fields["n_heads"]
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(batch_size, heads, seq_len, head_dim, generator=gen).to(device, dtype).requires_grad_()
+                   for _ in range(3))
+        grad = torch.randn(batch_size, heads, seq_len, head_dim, generator=gen).to(device, dtype)
+
+        def step(mode: str) -> Any:
+            def fn() -> None:
+                causal_attention(q, k, v, mode).backward(grad)
+                q.grad = k.grad = v.grad = None
+            return fn
+
+        steps = {"sdpa": step("sdpa"), "matmul (attention: auto on CPU)": step("matmul")}
+        for fn in steps.values():
+            fn()
+        times = interleaved(steps, repeats, iters, device)
+        base = median(times["sdpa"])
+        for variant, ts in times.items():
+            rows.append({"model": name, "q/k/v": f"{batch_size}x{heads}x{seq_len}x{head_dim}", "kernel": variant,
+                         "ms (median)": 1e3 * median(ts), "spread ms": spread([1e3 * t for t in ts]),
+                         "time vs sdpa": median(ts) / base})
+    print_table(f"Causal attention fwd+bwd, {'bf16' if bf16 else 'fp32'}, median of {repeats} interleaved rounds "
+                f"x {iters} calls", rows)
+    return rows
+
+
 def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
-    """Both tables for every shape; returns the rows of the first (one per model and variant)."""
+    """The attention table, then both model tables for every shape; returns the rows of the whole-model table
+    (one per model and variant)."""
+    run_attention(quick, device)
     bf16 = default_bf16(device)
     precision = "bf16 autocast" if bf16 else "fp32"
     repeats, iters = (5, 1) if quick else (7, 3)
@@ -99,22 +142,26 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         for variant, model in models(cfg, device).items():
             if model is not None:
                 steps[variant] = train_step_fn(model, batch, bf16, hf=variant.startswith("HF"), device=device)
-                steps[variant]()  # warm-up
+                steps[variant]()  # warm-up (and, for the compiled variants, compilation)
+                steps[variant]()
         times = interleaved(steps, repeats, iters, device)
         tokens = batch_size * seq_len
-        base = median(times["16-bit"])
         for variant, ts in times.items():
+            same_mode = "16-bit, compile: regional" if variant.endswith("regional") else "16-bit"
             rows.append({
                 "model": name, "variant": variant, "precision": precision, "tokens/step": tokens,
                 "tok/s": tokens / median(ts), "spread tok/s": spread([tokens / t for t in ts]),
-                "step time vs 16-bit": median(ts) / base,
+                # ternary against 16-bit in the same compile mode
+                "step time vs 16-bit": median(ts) / median(times[same_mode]),
             })
         hf = times.get("HF LlamaForCausalLM")
-        hf_rows.append({
-            "model": name, "precision": precision, "bitflow 16-bit tok/s": tokens / base,
-            "HF tok/s": tokens / median(hf) if hf else "transformers not installed",
-            "bitflow / HF": median(hf) / base if hf else "",
-        })
+        for variant in ("16-bit", "16-bit, compile: regional"):
+            base = median(times[variant])
+            hf_rows.append({
+                "model": name, "bitflow": variant, "precision": precision, "bitflow tok/s": tokens / base,
+                "HF tok/s (eager)": tokens / median(hf) if hf else "transformers not installed",
+                "bitflow / HF": median(hf) / base if hf else "",
+            })
     print_table(f"Whole-model train step (fwd+bwd+clip+AdamW), batch x seq as listed, median of {repeats} "
                 f"interleaved rounds x {iters} steps (goal: ternary step time <= 1.03x 16-bit)", rows)
     print_table("Training throughput: bitflow Llama vs HF LlamaForCausalLM (same shape, batch, precision, loop; "

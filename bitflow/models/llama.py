@@ -95,6 +95,45 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
     return angles.cos().float(), angles.sin().float()
 
 
+ATTENTION_MODES = ("auto", "sdpa", "matmul")
+# the largest causal score tensor (batch x heads x T x T) that ``attention: auto`` forms on the CPU: 16 Mi scores
+MATMUL_ATTENTION_SCORES = 1 << 24
+
+
+def check_attention(value: object) -> str:
+    """``value`` if it is an attention mode (``auto``, ``sdpa``, ``matmul``), else ``ValueError`` naming the key."""
+    if value not in ATTENTION_MODES:
+        raise ValueError(f"attention={value!r} is not allowed; allowed: {', '.join(ATTENTION_MODES)}")
+    return str(value)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """Causal self-attention of ``q``, ``k``, ``v`` [B, H, T, D] (same H), as
+    ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
+
+    ``mode="matmul"`` computes the attention formula as written: ``softmax(q k^T / sqrt(D) + causal -inf) v``, two
+    batched matmuls in the inputs' dtype around torch's softmax (which accumulates in float32). Under bf16 autocast
+    the scores and probabilities are rounded to bf16 as they are written (as in Hugging Face's eager attention):
+    outputs differ from the flash kernel's by about two bf16 ulps; in float32 they agree to 1e-6. ``"sdpa"`` is
+    torch's kernel. ``"auto"`` takes the matmul form on the CPU for short sequences (at most
+    :data:`MATMUL_ATTENTION_SCORES` scores), where torch's CPU flash kernel was measured about 2.5x slower forward
+    plus backward at T = 256 (``make bench``, the attention table), and SDPA elsewhere (GPUs: the flash kernels).
+    """
+    b, h, t, d = q.shape
+    if mode == "sdpa" or (mode == "auto" and (q.device.type != "cpu" or b * h * t * t > MATMUL_ATTENTION_SCORES)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    device_type = q.device.type
+    with torch.autocast(device_type, enabled=False):  # q, k, v are already in the compute dtype
+        dtype = torch.promote_types(q.dtype, k.dtype)
+        future = torch.zeros(t, t, dtype=dtype, device=q.device).masked_fill_(
+            torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        # -inf above the diagonal + (q k^T) / sqrt(d): one batched matmul
+        scores = torch.baddbmm(future, q.reshape(b * h, t, d).to(dtype),
+                               k.reshape(b * h, t, d).transpose(1, 2).to(dtype), alpha=1.0 / math.sqrt(d))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.bmm(probs, v.reshape(b * h, t, d)).view(b, h, t, d)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: [B, H, T, D]."""
     half = x.shape[-1] // 2
@@ -135,6 +174,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.mode = "auto"  # the causal attention kernel (causal_attention; set by Llama.set_attention)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
@@ -153,9 +193,12 @@ class Attention(nn.Module):
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         elif cache is not None:
             cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if causal and mask is None and self.n_kv_heads == self.n_heads:
+            y = causal_attention(q, k, v, self.mode)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -216,6 +259,14 @@ class Llama(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def set_attention(self, mode: str) -> None:
+        """The causal attention kernel of every block: ``auto``, ``sdpa`` or ``matmul`` (:func:`causal_attention`;
+        the ``attention`` key of a run). A runtime choice, not part of the model's config or state."""
+        check_attention(mode)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.mode = mode
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         """Parameter count; with ``non_embedding`` the token embedding (and an untied head) are left out."""

@@ -314,10 +314,7 @@ def _dequantize_blend(
 
     ``torch.lerp`` is exact at both ends (``start`` at 0, ``end`` at 1), so the shortcut at 1 changes no bit.
     """
-    if value == 1.0 and out_dtype != codes.dtype and not torch.compiler.is_compiling():
-        # dequantize and cast in one pass (eager; under torch.compile the cast is fused anyway)
-        out = torch.empty(codes.shape, dtype=out_dtype, device=codes.device)
-        return torch.mul(codes, inv, out=out).reshape(start.shape)
+    # (eager: an in-place float32 product, then the cast, measured faster than one mixed-dtype mul(out=bf16) on CPU)
     q = codes.mul_(inv).reshape(start.shape)
     if value == 1.0:
         return q.to(out_dtype)
