@@ -80,15 +80,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - logits.gather(-1, target)) * valid).sum()
                 del logits
                 grad.scatter_add_(-1, target, valid.to(grad.dtype).neg())
-                if h.device.type != "cpu" or not bool(valid.all()):  # (on the CPU the check is free, no sync)
-                    grad.mul_(valid)
                 g = grad.to(dtype)
+                # the rows of ignored targets are masked on the narrow side of each product ([tokens, d], not
+                # [tokens, vocab]): no pass over the chunk's logits, no host read
                 if need_h:
-                    grad_h[s : s + step] = g @ w
+                    grad_h[s : s + step] = (g @ w).mul_(valid)
                 if need_w:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w += (g.t() @ (hc * valid)).float()
                 if need_b:
-                    grad_b += grad.sum(0)
+                    grad_b += (grad * valid).sum(0)
             scale = 1.0 / (y != IGNORE_INDEX).sum().to(torch.float32) if mean else torch.ones((), device=h.device)
             grads = [g if g is None else g.mul_(scale.to(g.dtype)) for g in (grad_h, grad_w, grad_b)]
         ctx.save_for_backward(*grads)
