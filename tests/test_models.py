@@ -143,3 +143,20 @@ def test_set_attention_reaches_every_block_and_bad_modes_are_refused():
         torch.testing.assert_close(model(idx), auto, rtol=1e-5, atol=1e-5)  # float32: the same logits
     with pytest.raises(ValueError, match="attention='flash' is not allowed; allowed: auto, sdpa, matmul"):
         model.set_attention("flash")
+
+
+@pytest.mark.parametrize("mode", ["matmul", "sdpa"])
+def test_a_ternary_block_compiles_without_graph_breaks_with_either_attention(mode):
+    """What `compile: regional` compiles: one decoder block, BitLinear projections, the CPU matmul attention (its
+    autocast-off region included) or SDPA, under bf16 autocast."""
+    from bitflow.quant import to_bitlinear
+
+    torch._dynamo.reset()
+    model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+    to_bitlinear(model)
+    model.set_attention(mode)
+    block, x = model.layers[0], torch.randn(2, 16, 32)
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(lambda x: block(x, cos, sin).sum())(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
