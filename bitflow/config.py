@@ -302,7 +302,6 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_optimizer(to_plain(cfg.optimizer))
     from bitflow.models.compile import check_compile
-
     from bitflow.models.llama import check_attention
 
     with config_errors():

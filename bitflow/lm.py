@@ -23,7 +23,11 @@ from bitflow.checkpoint import (  # read_checkpoint: re-exported, its home is bi
     check_same_model,
     read_checkpoint,
 )
-from bitflow.models import clip_grad_norm, is_sharded, model_root  # model_root: re-exported, its home is bitflow.models
+from bitflow.models import (  # model_root: re-exported, its home is bitflow.models
+    clip_grad_norm,
+    is_sharded,
+    model_root,
+)
 from bitflow.models.compile import compile_model
 from bitflow.models.llama import Llama, LlamaConfig
 from bitflow.models.loss import next_token_loss
@@ -282,8 +286,10 @@ class LanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the model, take the tokenizer and rebuild the quantized layers before the weights load."""
         optimizers = [unwrap_optimizer(o) for o in self.trainer.optimizers] if self._trainer is not None else []
-        self._optimizer_extra = [sd.get(getattr(o, "EXTRA_STATE_KEY", None) or "", None) if hasattr(o, "load_extra_state") else None
-                                 for sd, o in zip(checkpoint.get("optimizer_states", []), optimizers)]
+        self._optimizer_extra = [  # restored by on_train_start (see there)
+            sd.get(o.EXTRA_STATE_KEY) if hasattr(o, "load_extra_state") else None
+            for sd, o in zip(checkpoint.get("optimizer_states", []), optimizers)
+        ]
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("this checkpoint was not written by bitflow (it has no 'bitflow' section)")

@@ -106,11 +106,12 @@ def run_attention(quick: bool = False, device: str = "cpu") -> list[dict[str, An
                    for _ in range(3))
         grad = torch.randn(batch_size, heads, seq_len, head_dim, generator=gen).to(device, dtype)
 
-        def step(mode: str) -> Any:
-            def fn() -> None:
+        def step(mode: str, q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v,
+                 grad: torch.Tensor = grad) -> Any:
+            def call() -> None:
                 causal_attention(q, k, v, mode).backward(grad)
                 q.grad = k.grad = v.grad = None
-            return fn
+            return call
 
         steps = {"sdpa": step("sdpa"), "matmul (attention: auto on CPU)": step("matmul")}
         for fn in steps.values():
