@@ -116,7 +116,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: st
     the scores and probabilities are rounded to bf16 as they are written (as in Hugging Face's eager attention):
     outputs differ from the flash kernel's by about two bf16 ulps; in float32 they agree to 1e-6. ``"sdpa"`` is
     torch's kernel. ``"auto"`` takes the matmul form on the CPU for short sequences (at most
-    :data:`MATMUL_ATTENTION_SCORES` scores), where torch's CPU flash kernel was measured about 2.5x slower forward
+    :data:`MATMUL_ATTENTION_SCORES` scores), where torch's CPU flash kernel was measured about 2.6-3.1x slower forward
     plus backward at T = 256 (``make bench``, the attention table), and SDPA elsewhere (GPUs: the flash kernels).
     """
     b, h, t, d = q.shape
