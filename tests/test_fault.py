@@ -187,6 +187,23 @@ def test_skip_policy_drops_the_nan_step_and_leaves_the_weights_alone(tiny_overri
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def test_skip_policy_also_drops_the_dqt_step(tiny_overrides, tmp_path):
+    """DQT's weights are no Parameters (per-step leaves in the optimizer's "dqt" group): a skipped step must leave
+    their codes and moments alone too. (Before the guard read the optimizer's groups, the NaN step rewrote 71% of
+    the codes and left NaN moments that froze every code afterwards.)"""
+    nan = ["+callbacks.nan._target_=tests.test_fault.NaNAt", "+callbacks.nan.step=8"]
+    run_training(compose([*tiny_overrides, *nan, "fault.on_nonfinite=skip", "quant=dqt_ternary"]))
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    assert scalars["fault/skipped_steps"] == [(8, 1.0)]
+    flips = dict(scalars["quant/flip_rate"])
+    assert flips.get(8, 0.0) == 0.0 and all(flips[s] > 0 for s in (7, 9, 10, 11)), flips  # step 8 changed no code
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 12
+    moments = last["optimizer_states"][0]["dqt"]["state"]
+    assert len(moments) == 14 and all(float(m["step"]) == 11 for m in moments.values())  # 12 steps, one skipped
+    assert all(torch.isfinite(m["exp_avg"]).all() and torch.isfinite(m["exp_avg_sq"]).all() for m in moments.values())
+
+
 def test_rollback_policy_resumes_the_last_checkpoint_with_half_the_lr(tiny_overrides, tmp_path):
     nan = ["+callbacks.nan._target_=tests.test_fault.NaNAt", "+callbacks.nan.step=8"]
     run_training(compose([*tiny_overrides, *nan, "fault.on_nonfinite=rollback"]))

@@ -34,6 +34,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from bitflow.config import NONFINITE_POLICIES  # re-exported
+from bitflow.models import grad_norm
+from bitflow.quant.recipe import unwrap_optimizer
 
 __all__ = [
     "NONFINITE_POLICIES", "GracefulStop", "NonFiniteError", "NonFiniteGuard", "RollbackRequested", "RunInterrupted",
@@ -139,6 +141,11 @@ class GracefulStop(Callback):
             self._save(trainer)  # a signal during validation: the step before it is complete
 
 
+def _stepped(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors with a gradient that ``optimizer``'s next step would update (its param groups' entries)."""
+    return [p for g in unwrap_optimizer(optimizer).param_groups for p in g["params"] if p.grad is not None]
+
+
 class NonFiniteGuard(Callback):
     """Never train on a non-finite loss or gradient (see the module docstring).
 
@@ -202,8 +209,10 @@ class NonFiniteGuard(Callback):
     ) -> None:
         if str(trainer.precision).startswith("16"):
             return  # 16-mixed: the GradScaler skips inf/NaN steps itself and lowers its scale
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        flags = [torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))] if grads else []
+        # every tensor the optimizer is about to step: the Parameters, and DQT's per-step weight leaves (which are
+        # no Parameters; under trainer=fsdp plain tensors beside the sharded ones: grad_norm takes both)
+        grads = [p.grad for p in _stepped(optimizer)]
+        flags = [torch.isfinite(grad_norm(grads))] if grads else []
         loss = getattr(pl_module, "last_loss", None)
         if isinstance(loss, torch.Tensor):
             flags.append(torch.isfinite(loss).all())
@@ -216,10 +225,10 @@ class NonFiniteGuard(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer, loss: Any
     ) -> None:
         step = trainer.global_step
-        parameter = next(
-            (n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
-            None,
-        )
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        names.update({id(leaf): f"{n} (DQT weight)" for n, leaf in getattr(unwrap_optimizer(optimizer), "named_leaves",
+                                                                         lambda: [])()})
+        parameter = next((names.get(id(p), "?") for p in _stepped(optimizer) if not torch.isfinite(p.grad).all()), None)
         loss_value = float(loss) if isinstance(loss, torch.Tensor) else float("nan")
         what = (f"non-finite training step {step}: loss {loss_value:g}, first parameter with a non-finite gradient: "
                 f"{parameter or 'none (all gradients finite)'}")
@@ -227,8 +236,8 @@ class NonFiniteGuard(Callback):
         self.consecutive += 1
         counters = {"fault/nonfinite_steps": float(self.nonfinite_steps)}
         if self.policy == "skip" and self.consecutive <= self.max_consecutive_skips:
-            for p in pl_module.parameters():
-                p.grad = None  # AdamW leaves a parameter without a gradient (and its moments) untouched
+            for p in _stepped(optimizer):
+                p.grad = None  # AdamW (and DQT's step) leave a tensor without a gradient, and its moments, untouched
             self.skipped_steps += 1
             counters["fault/skipped_steps"] = float(self.skipped_steps)
             self._log(trainer, counters, step)

@@ -185,6 +185,11 @@ class DQTAdamW(torch.optim.AdamW):
                 dist.all_reduce(leaf.grad, op=dist.ReduceOp.SUM)
                 leaf.grad.div_(world)
 
+    def named_leaves(self) -> list[tuple[str, Tensor]]:
+        """``(layer name, float leaf)`` of the DQT layers that took part in the current step (what the ``"dqt"``
+        param group holds between the forward and :meth:`step`)."""
+        return [(name, m._slot.leaf) for name, m in self.dqt_entries if m._slot.leaf is not None]
+
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
