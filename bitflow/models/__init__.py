@@ -36,13 +36,20 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     every rank holds whole; a collective when any is sharded, so every rank must call it."""
     sharded = [g for g in grads if is_sharded(g)]
     plain = [g for g in grads if not is_sharded(g)]
-    parts = [gathered(torch.nn.utils.get_total_norm(sharded))] if sharded else []
+    parts = [gathered(_total_norm(sharded))] if sharded else []
     if plain:
-        parts.append(torch.nn.utils.get_total_norm(plain))
+        parts.append(_total_norm(plain))
     if not parts:
         return torch.zeros(())
     device = parts[0].device
     return torch.linalg.vector_norm(torch.stack([p.to(device, torch.float32) for p in parts]))
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``tensors`` together, in float32 (per-tensor norms by one foreach kernel; torch >= 2.4)."""
+    norms = torch._foreach_norm(tensors)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
 
 
 @torch.no_grad()
