@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -383,6 +383,19 @@ def report_config_error(error: ConfigError) -> None:
         raise error
     log.error("config error: %s", error)
     raise SystemExit(2)
+
+
+def app_config(config_name: str, settings: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
+    """``conf/<config_name>.yaml`` without its ``hydra`` section (every setting with its default) and ``settings``
+    on top: the config a Python caller of a :func:`hydra_app` passes instead of command-line overrides. An unknown
+    key is a :class:`ConfigError` listing the allowed ones."""
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / f"{config_name}.yaml")
+    cfg.pop("hydra", None)
+    settings = dict(settings or {}) if not isinstance(settings, DictConfig) else settings
+    unknown = [k for k in settings if k not in cfg and k != "hydra"]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {', '.join(map(str, cfg))}")
+    return OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "hydra"})
 
 
 def hydra_app(config_name: str, task: Callable[[DictConfig], Any], doc: str) -> Callable[[], None]:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from bitflow.cli import CONFIG_DIR, hydra_app
+from bitflow.cli import app_config, hydra_app
 from bitflow.config import ConfigError, check_int, fail
 
 log = logging.getLogger("bitflow.generate")
@@ -136,13 +136,7 @@ class TextStream:
 # -------------------------------------------------------------------------------------------------- the command
 def generate_config(settings: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
     """conf/generate.yaml's defaults with ``settings`` on top; an unknown key is an error listing the allowed."""
-    cfg = OmegaConf.load(Path(CONFIG_DIR) / f"{GENERATE_CONFIG}.yaml")
-    cfg.pop("hydra", None)
-    settings = dict(settings or {}) if not isinstance(settings, DictConfig) else settings
-    unknown = [k for k in settings if k not in cfg and k != "hydra"]
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {', '.join(map(str, cfg))}")
-    return OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "hydra"})
+    return app_config(GENERATE_CONFIG, settings)
 
 
 def check_generate_config(cfg: DictConfig) -> DictConfig:

@@ -24,22 +24,17 @@ FALLBACK_DIR = "bitflow-eval"  # under the system's temp directory
 
 def default_eval_config() -> DictConfig:
     """conf/eval.yaml without its ``hydra`` section: every setting with its default."""
-    from bitflow.cli import CONFIG_DIR
+    from bitflow.cli import app_config
 
-    cfg = OmegaConf.load(Path(CONFIG_DIR) / f"{EVAL_CONFIG}.yaml")
-    cfg.pop("hydra", None)
-    return cfg
+    return app_config(EVAL_CONFIG)
 
 
 def eval_config(settings: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
     """The defaults of conf/eval.yaml with ``settings`` on top (Python callers of
     :func:`~bitflow.eval.run.evaluate_checkpoint`); an unknown key is an error that lists the allowed ones."""
-    cfg = default_eval_config()
-    settings = dict(settings or {}) if not isinstance(settings, DictConfig) else settings
-    unknown = [k for k in settings if k not in cfg and k != "hydra"]
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {', '.join(map(str, cfg))}")
-    return OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "hydra"})
+    from bitflow.cli import app_config
+
+    return app_config(EVAL_CONFIG, settings)
 
 
 def eval_output_dir(ckpt: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bitflow.cli import CONFIG_DIR, hydra_app
+from bitflow.cli import app_config, hydra_app
 from bitflow.config import ConfigError, fail
 
 log = logging.getLogger("bitflow.export")
@@ -28,13 +28,7 @@ HF_WEIGHTS = ("f32", "f16", "bf16")
 
 def export_config(settings: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
     """conf/export.yaml's defaults with ``settings`` on top; an unknown key is an error listing the allowed."""
-    cfg = OmegaConf.load(Path(CONFIG_DIR) / f"{EXPORT_CONFIG}.yaml")
-    cfg.pop("hydra", None)
-    settings = dict(settings or {}) if not isinstance(settings, DictConfig) else settings
-    unknown = [k for k in settings if k not in cfg and k != "hydra"]
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {', '.join(map(str, cfg))}")
-    return OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "hydra"})
+    return app_config(EXPORT_CONFIG, settings)
 
 
 def check_export_config(cfg: DictConfig) -> DictConfig:
